@@ -1,0 +1,193 @@
+"""Collective groups that span meshes (e.g. trainer rank 0 + every rollout actor), without torch's default group.
+
+Each group is a TCPStore plus the backend's ProcessGroup class, so one process can belong to several groups.
+Every operation takes a timeout: a missing or dead peer raises instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import ray
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from rlmesh.mesh.mesh import ActorMesh
+
+BACKENDS = ("gloo", "nccl")
+
+
+class CollectiveError(RuntimeError):
+    """A collective group could not form, or one of its operations failed or timed out."""
+
+
+# ---------------------------------------------------------------- inside an actor
+
+
+@dataclass
+class GroupHandle:
+    """This process's membership in one collective group."""
+
+    name: str
+    backend: str
+    rank: int
+    world_size: int
+    timeout: datetime.timedelta
+    process_group: Any
+    store: Any
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        self._wait(self.process_group.broadcast([tensor], opts), "broadcast")
+        return tensor
+
+    def all_reduce(self, tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = op
+        self._wait(self.process_group.allreduce([tensor], opts), "all_reduce")
+        return tensor
+
+    def barrier(self) -> None:
+        # A one-element all_reduce works on every backend and honours our timeout, unlike some barrier impls.
+        device = "cuda" if self.backend == "nccl" else "cpu"
+        self.all_reduce(torch.zeros(1, device=device))
+
+    def _wait(self, work: Any, op: str) -> None:
+        try:
+            work.wait(self.timeout)
+        except Exception as err:
+            raise CollectiveError(
+                f"{op} in collective group '{self.name}' (rank {self.rank} of {self.world_size}, {self.backend}) "
+                f"failed or timed out after {self.timeout.total_seconds():.0f}s: {err}"
+            ) from err
+
+
+_groups: dict[str, GroupHandle] = {}
+_pending_stores: dict[str, Any] = {}
+
+
+def get_group(name: str) -> GroupHandle:
+    """The calling actor's handle on collective group `name`."""
+    if name not in _groups:
+        raise CollectiveError(f"this actor is not in collective group {name!r}; it is in {sorted(_groups)}")
+    return _groups[name]
+
+
+def _open_store(name: str, world_size: int, timeout_s: float) -> tuple[str, int]:
+    """Rank 0 hosts the group's TCPStore on a free port and reports where it listens."""
+    store = dist.TCPStore(
+        "0.0.0.0", 0, world_size, is_master=True, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False
+    )
+    _pending_stores[name] = store
+    return node_ip(), store.port
+
+
+def _join(name: str, backend: str, addr: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if rank == 0:
+        store = _pending_stores.pop(name)
+    else:
+        store = dist.TCPStore(addr, port, world_size, is_master=False, timeout=timeout)
+    prefixed = dist.PrefixStore(f"rlmesh/{name}", store)
+    if backend == "gloo":
+        pg: Any = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+    else:
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
+    _groups[name] = GroupHandle(name, backend, rank, world_size, timeout, pg, store)
+
+
+def _leave(name: str) -> bool:
+    handle = _groups.pop(name, None)
+    _pending_stores.pop(name, None)
+    if handle is not None and handle.backend == "nccl":
+        handle.process_group.shutdown()
+    return handle is not None
+
+
+def node_ip() -> str:
+    """The address Ray knows this node by (the one given to ray.init), not a guess from the network interfaces."""
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node["NodeID"] == node_id:
+            return str(node["NodeManagerAddress"])
+    return str(ray.util.get_node_ip_address())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------- on the controller
+
+
+@dataclass
+class CollectiveGroup:
+    """A formed group, as the controller sees it: its name and which actor holds which rank."""
+
+    name: str
+    backend: str
+    members: list[tuple[ActorMesh[Any], int]]  # (root mesh, actor position) in rank order
+    timeout_s: float
+
+    @property
+    def world_size(self) -> int:
+        return len(self.members)
+
+    def destroy(self) -> None:
+        refs: list[Any] = [mesh._actor_at(pos)._rlmesh_leave_group.remote(self.name) for mesh, pos in self.members]
+        ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+
+
+def create_collective_group(
+    meshes: Sequence[ActorMesh[Any]], *, backend: str = "gloo", name: str = "default", timeout_s: float = 60.0
+) -> CollectiveGroup:
+    """Form a group over every actor of `meshes`, ranked in order (the first mesh's first actor is rank 0).
+
+    Sub-meshes select members: `create_collective_group([trainer[0], rollout], backend="nccl", name="weights")`.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"collective backend {backend!r} is unknown; use one of {BACKENDS}")
+    members = [(m._root, pos, m._describe_position(pos)) for m in meshes for pos in m._positions]
+    if len({(id(root), pos) for root, pos, _ in members}) != len(members):
+        raise ValueError("an actor appears twice in the collective group's meshes")
+    world = len(members)
+    root0, pos0, who0 = members[0]
+    addr: str
+    port: int
+    try:
+        addr, port = ray.get(root0._actor_at(pos0)._rlmesh_open_store.remote(name, world, timeout_s), timeout=timeout_s)
+    except Exception as err:
+        raise CollectiveError(f"collective group '{name}': rank 0 ({who0}) could not host the store: {err}") from err
+    refs: list[Any] = [
+        root._actor_at(pos)._rlmesh_join_group.remote(name, backend, addr, port, rank, world, timeout_s)
+        for rank, (root, pos, _) in enumerate(members)
+    ]
+    # Members that reach the store wait for the rest up to timeout_s, so allow a little past it.
+    ready, _ = ray.wait(refs, num_returns=world, timeout=timeout_s + 10)
+    problems = []
+    for rank, (ref, (_, _, who)) in enumerate(zip(refs, members, strict=True)):
+        if ref not in ready:
+            problems.append(f"rank {rank} ({who}) did not join")
+            continue
+        try:
+            ray.get(ref)
+        except Exception as err:
+            problems.append(f"rank {rank} ({who}) failed: {str(err).splitlines()[-1][:300]}")
+    if problems:
+        for root, pos, _ in members:
+            root._actor_at(pos)._rlmesh_leave_group.remote(name)
+        raise CollectiveError(
+            f"collective group '{name}' ({backend}, world size {world}) could not form within {timeout_s:.0f}s: "
+            + "; ".join(problems)
+        )
+    return CollectiveGroup(name, backend, [(root, pos) for root, pos, _ in members], timeout_s)

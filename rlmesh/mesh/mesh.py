@@ -1,0 +1,695 @@
+"""ActorMesh: a shaped group of Ray actors whose @endpoint methods are called with all, choose, shard or call_one."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, ParamSpec, TypeVar
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import ActorDiedError as RayActorDiedError
+from ray.exceptions import RayActorError
+
+from rlmesh.mesh import collective
+from rlmesh.mesh.context import MeshRank, _enter
+from rlmesh.mesh.dispatch import ShardPlan, concat, split_args, unpad
+from rlmesh.mesh.endpoint import Collect, Dispatch, EndpointSpec, endpoints_of
+from rlmesh.mesh.futures import ActorDiedError, GatheredFuture, MeshFuture, RoutedFuture
+from rlmesh.mesh.placement import Placement, PlacementError
+from rlmesh.mesh.routing import Load, RouterLike, make_router
+from rlmesh.mesh.shape import Shape, ShapeLike, select, slice_by_name
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Arguments bigger than this are put in the object store once per call instead of once per receiving actor.
+_PUT_ONCE_BYTES = 100 * 1024
+_MAX_CHOOSE_ATTEMPTS = 3
+
+
+class MeshStartError(RuntimeError):
+    """One or more actors of a mesh failed to start; the message names each one and why."""
+
+
+# ---------------------------------------------------------------- the actor side
+
+
+def _host_class(cls: type) -> type:
+    """A subclass of the user's class that learns its mesh place before running the user's __init__."""
+
+    def __init__(self: Any, place: MeshRank, distributed: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._rlmesh_place, self._rlmesh_distributed = place, distributed
+        self._rlmesh_ctor = (args, kwargs)
+
+    def _rlmesh_address(self: Any) -> tuple[str, int]:
+        return collective.node_ip(), collective._free_port()
+
+    def _rlmesh_setup(self: Any, master_addr: str | None, master_port: int | None) -> str:
+        place = replace(self._rlmesh_place, master_addr=master_addr, master_port=master_port)
+        _enter(place, self._rlmesh_distributed)
+        args, kwargs = self._rlmesh_ctor
+        cls.__init__(self, *args, **kwargs)  # type: ignore[misc]
+        return str(ray.get_runtime_context().get_node_id())
+
+    def _rlmesh_ping(self: Any) -> bool:
+        return True
+
+    def _rlmesh_open_store(self: Any, name: str, world_size: int, timeout_s: float) -> tuple[str, int]:
+        return collective._open_store(name, world_size, timeout_s)
+
+    def _rlmesh_join_group(self: Any, *args: Any) -> None:
+        collective._join(*args)
+
+    def _rlmesh_leave_group(self: Any, name: str) -> bool:
+        return collective._leave(name)
+
+    members = {
+        "__init__": __init__,
+        "_rlmesh_address": _rlmesh_address,
+        "_rlmesh_setup": _rlmesh_setup,
+        "_rlmesh_ping": _rlmesh_ping,
+        "_rlmesh_open_store": _rlmesh_open_store,
+        "_rlmesh_join_group": _rlmesh_join_group,
+        "_rlmesh_leave_group": _rlmesh_leave_group,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+    }
+    return type(cls.__name__, (cls,), members)
+
+
+_remote_classes: weakref.WeakKeyDictionary[type, Any] = weakref.WeakKeyDictionary()
+
+
+def _remote_class(cls: type) -> Any:
+    """The user's class made remote once; every actor of every mesh of it is created from this with .options."""
+    if cls not in _remote_classes:
+        _remote_classes[cls] = ray.remote(_host_class(cls))
+    return _remote_classes[cls]
+
+
+# ---------------------------------------------------------------- routed (`choose`) calls
+
+
+@dataclass
+class _RoutedCall:
+    method: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    key: Hashable | None
+    retry: bool
+    candidates: Sequence[int]
+    future: RoutedFuture[Any] = field(default_factory=RoutedFuture)
+    attempts: int = 0
+
+
+# ---------------------------------------------------------------- endpoints bound to a mesh
+
+
+class Endpoint(Generic[P, R]):
+    """An @endpoint method bound to a mesh: the verbs to call it."""
+
+    def __init__(self, mesh: ActorMesh[Any], spec: EndpointSpec, route_key: Hashable | None = None) -> None:
+        self._mesh = mesh
+        self._spec = spec
+        self._route_key = route_key
+
+    def all(self, *args: P.args, **kwargs: P.kwargs) -> MeshFuture[list[R]]:
+        """Every actor runs the call on the same arguments; results come back in rank order."""
+        return self._mesh._call_all(self._spec, args, kwargs)
+
+    def choose(self, *args: P.args, **kwargs: P.kwargs) -> MeshFuture[R]:
+        """One actor runs the call, picked by the mesh's router; retried on a live actor if its actor dies."""
+        return self._mesh._call_routed(self._spec, args, kwargs, self._route_key)
+
+    def shard(self, *args: P.args, **kwargs: P.kwargs) -> MeshFuture[R]:
+        """Split the batch over the data-parallel dimension, replicate over the others, gather in order."""
+        return self._mesh._call_sharded(self._spec, args, kwargs)
+
+    def call_one(self, *args: P.args, **kwargs: P.kwargs) -> MeshFuture[R]:
+        """Call the only actor of a single-actor mesh (index one first: `mesh[i].method.call_one(...)`)."""
+        return self._mesh._call_one(self._spec, args, kwargs)
+
+    def options(
+        self,
+        *,
+        route_key: Hashable | None = None,
+        dispatch: Dispatch | None = None,
+        collect: Collect | None = None,
+        idempotent: bool | None = None,
+    ) -> Endpoint[P, R]:
+        """The same endpoint with per-call settings: a routing key for sticky routing, or dispatch/collect."""
+        spec = self._spec
+        if dispatch is not None:
+            spec = replace(spec, dispatch=dispatch)
+        if collect is not None:
+            spec = replace(spec, collect=collect)
+        if idempotent is not None:
+            spec = replace(spec, idempotent=idempotent)
+        return Endpoint(self._mesh, spec, route_key if route_key is not None else self._route_key)
+
+    def __repr__(self) -> str:
+        return f"<endpoint {self._mesh._name}.{self._spec.name}>"
+
+
+# ---------------------------------------------------------------- the mesh
+
+
+class _ActorTable:
+    """State shared by a mesh and all its sub-meshes: handles, liveness and in-flight counts per position."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = handles
+        self.alive = [True] * len(handles)
+        self.in_flight = [0] * len(handles)
+        self.lock = threading.Lock()
+        self.methods: dict[str, list[Any]] = {}
+
+    def method(self, name: str, pos: int) -> Any:
+        cached = self.methods.get(name)
+        if cached is None:
+            cached = self.methods[name] = [getattr(h, name) for h in self.handles]
+        return cached[pos]
+
+
+class ActorMesh(Generic[T]):
+    """A shaped group of actors of one class. Endpoints hang off the mesh: `mesh.generate.choose(...)`.
+
+    Args:
+        cls: a plain class whose exposed methods are marked with @endpoint.
+        shape: an int, a tuple of sizes (named dp, tp, pp, ...) or a dict of named sizes; actors = product.
+        args, kwargs: passed to every actor's __init__.
+        resources: per actor, e.g. {"CPU": 1, "GPU": 1}; each actor gets a placement-group bundle.
+        placement: an existing Placement to share bundles with another mesh (colocation); `strategy` otherwise.
+        router: how `choose` picks: "power_of_two" (default), "least_loaded", "round_robin", "random", "sticky",
+            a Router, or a function (load, key) -> position.
+        max_in_flight_per_actor: cap on routed calls per actor; the excess queues in the controller.
+        distributed_env: set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT in each actor for torch.distributed.
+        on_restart: controller-side callback (mesh, restarted positions) run before restarted actors take calls.
+        auto_restart: restart dead actors in the background when a routed call finds one.
+    """
+
+    def __init__(
+        self,
+        cls: type[T],
+        shape: ShapeLike = 1,
+        *,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        resources: Mapping[str, float] | None = None,
+        runtime_env: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        placement: Placement | None = None,
+        strategy: str = "PACK",
+        router: RouterLike = "power_of_two",
+        max_in_flight_per_actor: int | None = None,
+        distributed_env: bool = True,
+        actor_options: Mapping[str, Any] | None = None,
+        on_restart: Callable[[ActorMesh[T], list[int]], None] | None = None,
+        auto_restart: bool = False,
+        start_timeout_s: float = 600.0,
+        placement_timeout_s: float = 60.0,
+    ) -> None:
+        self._shape = Shape.of(shape)
+        self._name = name or cls.__name__
+        self._cls: type[T] = cls
+        self._specs = endpoints_of(cls)
+        if not self._specs:
+            raise TypeError(f"{cls.__name__} has no @endpoint methods; decorate the methods the mesh should expose")
+        clashes = sorted(set(self._specs) & set(dir(ActorMesh)))
+        if clashes:
+            raise TypeError(
+                f"{cls.__name__} endpoint(s) {clashes} clash with ActorMesh's own attributes; rename the method(s)"
+            )
+        for spec in self._specs.values():
+            if spec.shard_dim is not None and spec.shard_dim not in self._shape.names:
+                raise ValueError(
+                    f"endpoint {cls.__name__}.{spec.name} shards over {spec.shard_dim!r}, "
+                    f"which is not a dimension of shape {self._shape.as_dict()}"
+                )
+        if max_in_flight_per_actor is not None and max_in_flight_per_actor < 1:
+            raise ValueError(f"max_in_flight_per_actor must be >= 1 or None, got {max_in_flight_per_actor}")
+        if not ray.is_initialized():
+            raise RuntimeError("Ray is not initialized; call ray.init(...) (or rlmesh's cluster setup) before a mesh")
+        self._root: ActorMesh[T] = self
+        self._positions = list(range(self._shape.size))
+        self._router = make_router(router)
+        self._cap = max_in_flight_per_actor
+        self._queue: deque[_RoutedCall] = deque()
+        self._work: queue.SimpleQueue[Callable[[], None] | None] | None = None
+        self._on_restart = on_restart
+        self._auto_restart = auto_restart
+        self._restarting = False
+        self._distributed = distributed_env
+        self._runtime_env = dict(runtime_env or {})
+        self._actor_options = dict(actor_options or {})
+        self._args, self._kwargs = tuple(args), dict(kwargs or {})
+        self._start_timeout_s = start_timeout_s
+        per_actor = dict(resources or {"CPU": 1})
+        if placement is None:
+            placement = Placement.create(self._shape.size, per_actor, strategy, placement_timeout_s)
+        else:
+            _check_fits(placement, per_actor, self._shape.size)
+            placement = replace(placement, owned=False)
+        self._placement = placement
+        self._resources = per_actor
+        self._master: tuple[str | None, int | None] = (None, None)
+        self._table = _ActorTable([])
+        try:
+            self._start()
+        except BaseException:
+            placement.remove()
+            raise
+        self._bind_endpoints()
+
+    @classmethod
+    def spawn(cls, actor_cls: type[T], shape: ShapeLike = 1, **options: Any) -> ActorMesh[T]:
+        """Same as ActorMesh(actor_cls, shape, **options)."""
+        return cls(actor_cls, shape, **options)
+
+    # ------------------------------------------------------------ start and restart
+
+    def _places(self) -> list[MeshRank]:
+        nodes = self._placement.node_ids()
+        world = self._shape.size
+        places = []
+        for rank in range(world):
+            same_node = [r for r in range(world) if nodes[r] == nodes[rank]]
+            places.append(
+                MeshRank(
+                    mesh_name=self._name,
+                    rank=rank,
+                    coords=self._shape.coords(rank),
+                    shape=self._shape.as_dict(),
+                    world_size=world,
+                    local_rank=same_node.index(rank),
+                    local_world_size=len(same_node),
+                )
+            )
+        return places
+
+    def _create(self, rank: int, place: MeshRank) -> Any:
+        res = dict(self._resources)
+        options: dict[str, Any] = {
+            "num_cpus": res.pop("CPU", 0),
+            "num_gpus": res.pop("GPU", 0),
+            "scheduling_strategy": self._placement.strategy_for(rank),
+            **self._actor_options,
+        }
+        if "memory" in res:
+            options["memory"] = res.pop("memory")
+        if res:
+            options["resources"] = res
+        if self._runtime_env:
+            options["runtime_env"] = self._runtime_env
+        return _remote_class(self._cls).options(**options).remote(place, self._distributed, self._args, self._kwargs)
+
+    def _start(self) -> None:
+        places = self._places()
+        handles = [self._create(rank, place) for rank, place in enumerate(places)]
+        self._table = _ActorTable(handles)
+        try:
+            if self._distributed:
+                self._master = ray.get(handles[0]._rlmesh_address.remote(), timeout=self._start_timeout_s)
+            refs: list[Any] = [h._rlmesh_setup.remote(*self._master) for h in handles]
+            self._await_setup(refs, list(range(len(handles))))
+        except BaseException as err:
+            for h in handles:
+                ray.kill(h)
+            if isinstance(err, (MeshStartError, KeyboardInterrupt)):
+                raise
+            raise MeshStartError(f"mesh '{self._name}' could not start: {err}") from err
+
+    def _await_setup(self, refs: list[Any], positions: list[int]) -> None:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self._start_timeout_s)
+        failures = []
+        for ref, pos in zip(refs, positions, strict=True):
+            who = self._describe_position(pos)
+            if ref not in ready:
+                failures.append(f"{who}: not ready within {self._start_timeout_s:.0f}s")
+                continue
+            try:
+                ray.get(ref)
+            except Exception as err:
+                failures.append(f"{who}: {_cause(err)}")
+        if failures:
+            raise MeshStartError(
+                f"mesh '{self._name}': {len(failures)} actor(s) failed to start:\n  " + "\n  ".join(failures)
+            )
+
+    def restart_dead(self) -> list[int]:
+        """Replace dead actors with new ones in the same place, re-run setup and the `on_restart` hooks
+        (the class's `on_restart` method, then the mesh's callback), and return the restarted positions."""
+        root = self._root
+        table = root._table
+        pings: list[Any] = [h._rlmesh_ping.remote() for h in table.handles]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=10)
+        dead = []
+        for pos, ref in enumerate(pings):
+            if ref in ready:
+                try:
+                    ray.get(ref)
+                except RayActorError:
+                    dead.append(pos)
+            elif not table.alive[pos]:
+                dead.append(pos)
+        if not dead:
+            return []
+        places = root._places()
+        new = {pos: root._create(pos, places[pos]) for pos in dead}
+        root._await_setup([new[p]._rlmesh_setup.remote(*root._master) for p in dead], dead)
+        if hasattr(root._cls, "on_restart"):
+            ray.get([new[p].on_restart.remote() for p in dead], timeout=root._start_timeout_s)
+        with table.lock:
+            for pos in dead:
+                table.handles[pos] = new[pos]
+                table.in_flight[pos] = 0
+            table.methods.clear()
+        if root._on_restart is not None:
+            root._on_restart(root, dead)
+        with table.lock:
+            for pos in dead:
+                table.alive[pos] = True
+        root._post(root._drain)
+        log.info("mesh '%s' restarted %s", root._name, [root._describe_position(p) for p in dead])
+        return dead
+
+    # ------------------------------------------------------------ views
+
+    def _view(self, shape: Shape, positions: list[int]) -> ActorMesh[T]:
+        view: ActorMesh[T] = object.__new__(ActorMesh)
+        view.__dict__.update(self.__dict__)
+        view._shape, view._positions = shape, positions
+        view._bind_endpoints()
+        return view
+
+    def _bind_endpoints(self) -> None:
+        for name, spec in self._specs.items():
+            self.__dict__[name] = Endpoint(self, spec)
+
+    def __getitem__(self, key: int | slice | tuple[int | slice, ...]) -> ActorMesh[T]:
+        shape, positions = select(self._shape, self._positions, key)
+        return self._view(shape, positions)
+
+    def slice(self, **dims: int | slice) -> ActorMesh[T]:
+        """A sub-mesh: `mesh.slice(dp=1)` keeps the actors with dp coordinate 1 (an int drops the dimension)."""
+        shape, positions = slice_by_name(self._shape, self._positions, dims)
+        return self._view(shape, positions)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        cls = self.__dict__.get("_cls")
+        if cls is not None and callable(getattr(cls, name, None)):
+            raise AttributeError(
+                f"{cls.__name__}.{name} is not an @endpoint; decorate it with @endpoint to call it through the mesh"
+            )
+        known = sorted(self.__dict__.get("_specs", {}))
+        raise AttributeError(f"mesh '{self.__dict__.get('_name')}' has no endpoint {name!r}; endpoints: {known}")
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return self._shape.as_dict()
+
+    @property
+    def size(self) -> int:
+        return len(self._positions)
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def placement(self) -> Placement:
+        return self._placement
+
+    @property
+    def actors(self) -> list[Any]:
+        """The raw Ray handles of this (sub-)mesh's actors, in rank order."""
+        return [self._table.handles[p] for p in self._positions]
+
+    def in_flight(self) -> list[int]:
+        """Routed calls issued and not yet completed, per actor of this (sub-)mesh."""
+        return [self._table.in_flight[p] for p in self._positions]
+
+    def _actor_at(self, pos: int) -> Any:
+        return self._table.handles[pos]
+
+    def _describe_position(self, pos: int) -> str:
+        return f"{self._name}{self._root._shape.describe(pos)} (rank {pos})"
+
+    def __repr__(self) -> str:
+        return f"ActorMesh({self._cls.__name__}, name={self._name!r}, shape={self.shape})"
+
+    # ------------------------------------------------------------ verbs
+
+    def _call_all(self, spec: EndpointSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> MeshFuture[Any]:
+        if len(self._positions) > 1:
+            args, kwargs = _put_large(args, kwargs)
+        table = self._table
+        refs = [table.method(spec.name, p).remote(*args, **kwargs) for p in self._positions]
+        positions = self._positions
+        return GatheredFuture(refs, list, lambda i: self._describe_position(positions[i]), spec.name)
+
+    def _call_one(self, spec: EndpointSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> MeshFuture[Any]:
+        if len(self._positions) != 1:
+            raise ValueError(
+                f"call_one needs a single-actor mesh, '{self._name}' has {len(self._positions)} actors; "
+                "index one first (mesh[i]) or use choose/all/shard"
+            )
+        pos = self._positions[0]
+        ref = self._table.method(spec.name, pos).remote(*args, **kwargs)
+        return GatheredFuture([ref], lambda values: values[0], lambda i: self._describe_position(pos), spec.name)
+
+    def _call_sharded(self, spec: EndpointSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> MeshFuture[Any]:
+        dim = spec.shard_dim or self._shape.names[0]
+        if dim not in self._shape.names:
+            raise ValueError(f"cannot shard over {dim!r}: this (sub-)mesh has dimensions {list(self._shape.names)}")
+        n_shards = self._shape.as_dict()[dim]
+        plan: ShardPlan | None = None
+        if spec.dispatch is not None:
+            calls = spec.dispatch(n_shards, *args, **kwargs)
+            if len(calls) != n_shards:
+                raise ValueError(f"dispatch for '{spec.name}' returned {len(calls)} shards, expected {n_shards}")
+        else:
+            plan = split_args(n_shards, args, kwargs)
+            calls = plan.calls
+        replicas: list[list[int]] = [[] for _ in range(n_shards)]
+        for flat, pos in enumerate(self._positions):
+            replicas[self._shape.coords(flat)[dim]].append(pos)
+        refs: list[Any] = []
+        primary: list[int] = []
+        owners: list[int] = []
+        table = self._table
+        for shard, (a, k) in enumerate(calls):
+            if len(replicas[shard]) > 1:
+                a, k = _put_large(tuple(a), dict(k))
+            primary.append(len(refs))
+            for pos in replicas[shard]:
+                refs.append(table.method(spec.name, pos).remote(*a, **k))
+                owners.append(pos)
+        if spec.collect is not None:
+            collect = spec.collect
+        else:
+            assert plan is not None or spec.dispatch is not None
+            collect = (lambda results: concat(unpad(results, plan))) if plan is not None else concat
+        return GatheredFuture(refs, collect, lambda i: self._describe_position(owners[i]), spec.name, primary)
+
+    def _call_routed(
+        self, spec: EndpointSpec, args: tuple[Any, ...], kwargs: dict[str, Any], key: Hashable | None
+    ) -> MeshFuture[Any]:
+        call = _RoutedCall(spec.name, args, kwargs, key, spec.idempotent, self._positions)
+        self._root._submit(call, from_queue=False)
+        return call.future
+
+    # ------------------------------------------------------------ routing internals (root mesh only)
+
+    def _pick(self, call: _RoutedCall) -> int | None:
+        table = self._table
+        live = [p for p in call.candidates if table.alive[p]]
+        available = live if self._cap is None else [p for p in live if table.in_flight[p] < self._cap]
+        if not live:
+            return -1
+        return self._router.pick(Load(available, live, table.in_flight), call.key)
+
+    def _submit(self, call: _RoutedCall, from_queue: bool) -> bool:
+        """Issue a routed call, or queue it; returns False if it was queued."""
+        table = self._table
+        with table.lock:
+            if self._queue and not from_queue:
+                self._queue.append(call)
+                return False
+            pos = self._pick(call)
+            if pos is None:
+                if not from_queue:
+                    self._queue.append(call)
+                return False
+            if pos != -1:
+                table.in_flight[pos] += 1
+                method = table.method(call.method, pos)
+        if pos == -1:
+            call.future.set_exception(
+                ActorDiedError(f"'{call.method}': every actor of mesh '{self._name}' that could take it is dead")
+            )
+            return True
+        ref = method.remote(*call.args, **call.kwargs)
+        ref.future().add_done_callback(lambda f: self._on_done(call, pos, f))
+        return True
+
+    def _on_done(self, call: _RoutedCall, pos: int, done: Any) -> None:
+        table = self._table
+        with table.lock:
+            table.in_flight[pos] -= 1
+            queued = bool(self._queue)
+        err = done.exception()
+        if err is None:
+            call.future.set_result(done.result())
+        elif isinstance(err, RayActorError):
+            if isinstance(err, RayActorDiedError):
+                with table.lock:
+                    table.alive[pos] = False
+                if self._auto_restart:
+                    self._post(self._restart_in_background)
+            who = self._describe_position(pos)
+            if call.retry and call.attempts + 1 < _MAX_CHOOSE_ATTEMPTS:
+                call.attempts += 1
+                log.warning("'%s' lost %s; retrying on another actor", call.method, who)
+                self._post(lambda: self._resubmit(call))
+            else:
+                reason = "not idempotent, so not retried" if not call.retry else f"{call.attempts + 1} attempts"
+                call.future.set_exception(
+                    ActorDiedError(f"'{call.method}' failed: {who} died ({reason}): {_cause(err)}")
+                )
+        else:
+            call.future.set_exception(err)
+        if queued:
+            self._post(self._drain)
+
+    def _resubmit(self, call: _RoutedCall) -> None:
+        with self._table.lock:
+            queue_first = bool(self._queue)
+            if queue_first:
+                self._queue.appendleft(call)
+        if queue_first:
+            self._drain()
+        elif not self._submit(call, from_queue=True):
+            with self._table.lock:
+                self._queue.appendleft(call)
+
+    def _drain(self) -> None:
+        while True:
+            with self._table.lock:
+                if not self._queue:
+                    return
+                call = self._queue.popleft()
+            if not self._submit(call, from_queue=True):
+                with self._table.lock:
+                    self._queue.appendleft(call)
+                return
+
+    def _restart_in_background(self) -> None:
+        if self._restarting:
+            return
+        self._restarting = True
+        try:
+            self.restart_dead()
+        except Exception:
+            log.exception("mesh '%s': automatic restart failed", self._name)
+        finally:
+            self._restarting = False
+
+    def _post(self, work: Callable[[], None]) -> None:
+        """Run `work` on the mesh's dispatcher thread: Ray completion callbacks must not submit calls themselves."""
+        root = self._root
+        if root._work is None:
+            with root._table.lock:
+                if root._work is None:
+                    root._work = queue.SimpleQueue()
+                    threading.Thread(
+                        target=_dispatcher, args=(root._work,), name=f"rlmesh-{root._name}", daemon=True
+                    ).start()
+        assert root._work is not None
+        root._work.put(work)
+
+    # ------------------------------------------------------------ shutdown
+
+    def shutdown(self) -> None:
+        """Kill every actor of the mesh and release its placement group."""
+        root = self._root
+        for h in root._table.handles:
+            with contextlib.suppress(Exception):  # already dead
+                ray.kill(h)
+        if root._work is not None:
+            root._work.put(None)
+            root._work = None
+        root._placement.remove()
+        with root._table.lock:
+            root._table.alive = [False] * len(root._table.handles)
+            for call in root._queue:
+                call.future.set_exception(ActorDiedError(f"mesh '{root._name}' was shut down"))
+            root._queue.clear()
+
+    def __enter__(self) -> ActorMesh[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _dispatcher(work: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+    while (job := work.get()) is not None:
+        try:
+            job()
+        except Exception:
+            log.exception("rlmesh dispatcher job failed")
+
+
+def _check_fits(placement: Placement, per_actor: Mapping[str, float], n: int) -> None:
+    if len(placement.bundles) < n:
+        raise PlacementError(f"the shared placement has {len(placement.bundles)} bundles, the mesh needs {n}")
+    for k, v in per_actor.items():
+        have = placement.bundles[0].get(k, 0.0)
+        if v > have:
+            raise PlacementError(
+                f"each actor asks for {k}={v}, but a bundle of the shared placement holds {k}={have}; "
+                "ask for a fraction of the bundle when colocating"
+            )
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, np.ndarray):
+        return int(x.nbytes)
+    if isinstance(x, (bytes, bytearray)):
+        return len(x)
+    n = getattr(x, "nbytes", 0)
+    return n if isinstance(n, int) else 0
+
+
+def _put_large(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Put large arguments in the object store once, so every receiving actor reads the same copy."""
+    args = tuple(ray.put(a) if _nbytes(a) > _PUT_ONCE_BYTES else a for a in args)
+    kwargs = {k: ray.put(v) if _nbytes(v) > _PUT_ONCE_BYTES else v for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def _cause(err: BaseException) -> str:
+    text = str(err).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:500] if lines else type(err).__name__

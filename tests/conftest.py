@@ -1,0 +1,33 @@
+"""Shared fixtures: one local Ray cluster per test session, bound to 127.0.0.1 and stopped at the end."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Enough logical CPUs for every actor the suite creates at once; fractional per-actor requests keep this honest.
+RAY_NUM_CPUS = 16
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(
+        num_cpus=RAY_NUM_CPUS,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
