@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlmesh.mesh.wire import WireTensor
+
 
 def _is_shardable_object(x: Any) -> bool:
     # The protocol our Batch (and any user container) implements: len, integer-list indexing, Type.concat(parts).
@@ -45,9 +47,8 @@ def _take(x: Any, start: int, stop: int, n: int) -> Any:
         rows = list(x[start:stop_real]) + [x[n - 1]] * pad
         return type(x)(rows) if isinstance(x, tuple) else rows
     if isinstance(x, torch.Tensor):
-        # clone: pickling a view would ship the whole underlying storage to every actor
-        t = x[start:stop_real].clone()
-        return torch.cat([t, x[n - 1 :].expand(pad, *x.shape[1:])]) if pad else t
+        t = x[start:stop_real]
+        return WireTensor(torch.cat([t, x[n - 1 :].expand(pad, *x.shape[1:])]) if pad else t)
     if isinstance(x, np.ndarray):
         a = x[start:stop_real]
         return np.concatenate([a, np.repeat(x[n - 1 :], pad, axis=0)]) if pad else a

@@ -26,6 +26,7 @@ from rlmesh.mesh.futures import ActorDiedError, GatheredFuture, MeshFuture, Rout
 from rlmesh.mesh.placement import Placement, PlacementError
 from rlmesh.mesh.routing import Load, RouterLike, make_router
 from rlmesh.mesh.shape import Shape, ShapeLike, select, slice_by_name
+from rlmesh.mesh.wire import WireTensor
 
 log = logging.getLogger(__name__)
 
@@ -684,9 +685,13 @@ def _nbytes(x: Any) -> int:
 
 def _put_large(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Put large arguments in the object store once, so every receiving actor reads the same copy."""
-    args = tuple(ray.put(a) if _nbytes(a) > _PUT_ONCE_BYTES else a for a in args)
-    kwargs = {k: ray.put(v) if _nbytes(v) > _PUT_ONCE_BYTES else v for k, v in kwargs.items()}
-    return args, kwargs
+    return tuple(_put_if_large(a) for a in args), {k: _put_if_large(v) for k, v in kwargs.items()}
+
+
+def _put_if_large(x: Any) -> Any:
+    if _nbytes(x) <= _PUT_ONCE_BYTES:
+        return x
+    return ray.put(WireTensor(x) if isinstance(x, torch.Tensor) else x)
 
 
 def _cause(err: BaseException) -> str:
