@@ -35,7 +35,8 @@ def _endpoint_type(name: str, ctx: AttributeContext) -> Type:
         return AnyType(TypeOfAny.from_error)
     declared = get_proper_type(symbol.node.var.type) if isinstance(symbol.node, Decorator) else None
     if not isinstance(declared, Instance) or declared.type.fullname != _ENDPOINT_METHOD:
-        ctx.api.fail(f'"{actor.type.name}.{name}" is not an @endpoint; decorate it to call it through a mesh', ctx.context)
+        message = f'"{actor.type.name}.{name}" is not an @endpoint; decorate it to call it through a mesh'
+        ctx.api.fail(message, ctx.context)
         return AnyType(TypeOfAny.from_error)
     module, _, cls_name = _BOUND_ENDPOINT.rpartition(".")
     # The checker (not its plugin interface type) holds the module table; rlmesh.mesh.mesh is loaded by now.

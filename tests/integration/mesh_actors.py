@@ -20,9 +20,16 @@ class Worker:
 
     @endpoint
     def whoami(self) -> dict:
-        env = {k: os.environ.get(k) for k in ("RAY_ACTOR_MESH_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-        return {"rank": self.place.rank, "coords": self.place.coords, "world": self.place.world_size, "env": env,
-                "tag": self.tag, "pid": os.getpid()}
+        keys = ("RAY_ACTOR_MESH_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        env = {k: os.environ.get(k) for k in keys}
+        return {
+            "rank": self.place.rank,
+            "coords": self.place.coords,
+            "world": self.place.world_size,
+            "env": env,
+            "tag": self.tag,
+            "pid": os.getpid(),
+        }
 
     @endpoint
     def echo(self, x):

@@ -32,7 +32,7 @@ def grid(ray_cluster):
 def test_actor_count_is_the_product_and_each_actor_knows_its_place(grid):
     info = grid.whoami.all().result(timeout=30)
     assert len(info) == 4 == grid.size
-    assert [i["coords"] for i in info] == [{"dp": 0, "tp": 0}, {"dp": 0, "tp": 1}, {"dp": 1, "tp": 0}, {"dp": 1, "tp": 1}]
+    assert [(i["coords"]["dp"], i["coords"]["tp"]) for i in info] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert [i["env"]["RAY_ACTOR_MESH_RANK"] for i in info] == ["0", "1", "2", "3"]
     assert {i["env"]["WORLD_SIZE"] for i in info} == {"4"} and {i["tag"] for i in info} == {"grid"}
     assert len({(i["env"]["MASTER_ADDR"], i["env"]["MASTER_PORT"]) for i in info}) == 1
@@ -206,7 +206,9 @@ def test_restart_runs_the_class_hook_and_the_controller_callback_before_serving(
 
 
 def test_auto_restart_brings_dead_actors_back(ray_cluster):
-    mesh = ActorMesh(Restartable, 2, resources={"CPU": 0.25}, name="auto", auto_restart=True, router=lambda l, k: 0)
+    mesh = ActorMesh(
+        Restartable, 2, resources={"CPU": 0.25}, name="auto", auto_restart=True, router=lambda load, key: 0
+    )
     try:
         with pytest.raises(ActorDiedError):
             mesh.die.options(idempotent=False).choose().result(timeout=30)
