@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, Generic, TypeVar
@@ -106,28 +107,72 @@ class GatheredFuture(MeshFuture[R]):
 
 
 class RoutedFuture(MeshFuture[R]):
-    """The result of a routed (`choose`) call. The mesh sets it, after retries, from completion callbacks."""
+    """The result of a routed (`choose`) call.
 
-    def __init__(self) -> None:
-        self._future: concurrent.futures.Future[R] = concurrent.futures.Future()
+    The waiting thread reads the value straight from Ray, with no hand-off through a callback thread. If the
+    actor died, the waiter asks the mesh to re-issue the call on a live actor (`retry`), which raises
+    ActorDiedError when the call may not be retried.
+    """
+
+    def __init__(self, retry: Callable[[RoutedFuture[R], BaseException], None]) -> None:
+        self._attempt: concurrent.futures.Future[Any] = concurrent.futures.Future()  # the ObjectRef of this try
+        self._retry = retry
+        self._lock = threading.Lock()
+        self._value: Any = _UNSET
+
+    # called by the mesh
+    def issued(self, ref: ray.ObjectRef) -> None:
+        self._attempt.set_result(ref)
+
+    def failed(self, err: BaseException) -> None:
+        if not self._attempt.done():
+            self._attempt.set_exception(err)
+
+    def new_attempt(self) -> None:
+        self._attempt = concurrent.futures.Future()
 
     def done(self) -> bool:
-        return self._future.done()
+        if self._value is not _UNSET:
+            return True
+        if not self._attempt.done():
+            return False
+        if self._attempt.exception() is not None:
+            return True
+        ready, _ = ray.wait([self._attempt.result()], timeout=0)
+        return bool(ready)
 
     def result(self, timeout: float | None = None) -> R:
-        try:
-            return self._future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"routed call did not finish within {timeout}s") from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._value is _UNSET:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            attempt = self._attempt
+            try:
+                ref = attempt.result(remaining)
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self._value = ray.get(ref, timeout=remaining)
+            except (concurrent.futures.TimeoutError, GetTimeoutError):
+                raise TimeoutError(f"routed call did not finish within {timeout}s") from None
+            except RayActorError as err:
+                self._retry_once(attempt, err)
+        return self._value
 
     def __await__(self) -> Generator[Any, None, R]:
-        return asyncio.wrap_future(self._future).__await__()
+        return self._await().__await__()
 
-    def set_result(self, value: R) -> None:
-        self._future.set_result(value)
+    async def _await(self) -> R:
+        while self._value is _UNSET:
+            attempt = self._attempt
+            ref = await asyncio.wrap_future(attempt)
+            try:
+                self._value = await ref
+            except RayActorError as err:
+                self._retry_once(attempt, err)
+        return self._value
 
-    def set_exception(self, err: BaseException) -> None:
-        self._future.set_exception(err)
+    def _retry_once(self, failed: concurrent.futures.Future[Any], err: BaseException) -> None:
+        with self._lock:
+            if self._attempt is failed:  # another waiter may have re-issued it already
+                self._retry(self, err)
 
 
 def wait_all(futures: Sequence[MeshFuture[Any]], timeout: float | None = None) -> list[Any]:

@@ -9,7 +9,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Generic, ParamSpec, TypeVar
 
 import numpy as np
@@ -110,8 +110,9 @@ class _RoutedCall:
     key: Hashable | None
     retry: bool
     candidates: Sequence[int]
-    future: RoutedFuture[Any] = field(default_factory=RoutedFuture)
+    future: RoutedFuture[Any]
     attempts: int = 0
+    position: int = -1  # the actor running the current attempt
 
 
 # ---------------------------------------------------------------- endpoints bound to a mesh
@@ -172,6 +173,7 @@ class _ActorTable:
     def __init__(self, handles: list[Any]) -> None:
         self.handles = handles
         self.alive = [True] * len(handles)
+        self.all_alive = True  # the routing fast path skips liveness filtering while nothing has died
         self.in_flight = [0] * len(handles)
         self.lock = threading.Lock()
         self.methods: dict[str, list[Any]] = {}
@@ -381,6 +383,7 @@ class ActorMesh(Generic[T]):
         with table.lock:
             for pos in dead:
                 table.alive[pos] = True
+            table.all_alive = all(table.alive)
         root._post(root._drain)
         log.info("mesh '%s' restarted %s", root._name, [root._describe_position(p) for p in dead])
         return dead
@@ -514,18 +517,23 @@ class ActorMesh(Generic[T]):
     def _call_routed(
         self, spec: EndpointSpec, args: tuple[Any, ...], kwargs: dict[str, Any], key: Hashable | None
     ) -> MeshFuture[Any]:
-        call = _RoutedCall(spec.name, args, kwargs, key, spec.idempotent, self._positions)
-        self._root._submit(call, from_queue=False)
-        return call.future
+        root = self._root
+        future: RoutedFuture[Any] = RoutedFuture(lambda fut, err: root._retry(call, err))
+        call = _RoutedCall(spec.name, args, kwargs, key, spec.idempotent, self._positions, future)
+        root._submit(call, from_queue=False)
+        return future
 
     # ------------------------------------------------------------ routing internals (root mesh only)
 
     def _pick(self, call: _RoutedCall) -> int | None:
         table = self._table
-        live = [p for p in call.candidates if table.alive[p]]
+        if table.all_alive:
+            live = call.candidates
+        else:
+            live = [p for p in call.candidates if table.alive[p]]
+            if not live:
+                return -1
         available = live if self._cap is None else [p for p in live if table.in_flight[p] < self._cap]
-        if not live:
-            return -1
         return self._router.pick(Load(available, live, table.in_flight), call.key)
 
     def _submit(self, call: _RoutedCall, from_queue: bool) -> bool:
@@ -544,53 +552,49 @@ class ActorMesh(Generic[T]):
                 table.in_flight[pos] += 1
                 method = table.method(call.method, pos)
         if pos == -1:
-            call.future.set_exception(
+            call.future.failed(
                 ActorDiedError(f"'{call.method}': every actor of mesh '{self._name}' that could take it is dead")
             )
             return True
+        call.position = pos
         ref = method.remote(*call.args, **call.kwargs)
-        ref.future().add_done_callback(lambda f: self._on_done(call, pos, f))
+        call.future.issued(ref)
+        ref.future().add_done_callback(lambda f: self._on_done(pos, f))
         return True
 
-    def _on_done(self, call: _RoutedCall, pos: int, done: Any) -> None:
+    def _on_done(self, pos: int, done: Any) -> None:
+        """Completion callback (Ray's thread): keep the in-flight count and liveness; waiters handle results."""
         table = self._table
         with table.lock:
             table.in_flight[pos] -= 1
             queued = bool(self._queue)
-        err = done.exception()
-        if err is None:
-            call.future.set_result(done.result())
-        elif isinstance(err, RayActorError):
-            if isinstance(err, RayActorDiedError):
-                with table.lock:
-                    table.alive[pos] = False
-                if self._auto_restart:
-                    self._post(self._restart_in_background)
-            who = self._describe_position(pos)
-            if call.retry and call.attempts + 1 < _MAX_CHOOSE_ATTEMPTS:
-                call.attempts += 1
-                log.warning("'%s' lost %s; retrying on another actor", call.method, who)
-                self._post(lambda: self._resubmit(call))
-            else:
-                reason = "not idempotent, so not retried" if not call.retry else f"{call.attempts + 1} attempts"
-                call.future.set_exception(
-                    ActorDiedError(f"'{call.method}' failed: {who} died ({reason}): {_cause(err)}")
-                )
-        else:
-            call.future.set_exception(err)
+        if isinstance(done.exception(), RayActorDiedError):
+            self._mark_dead(pos)
         if queued:
             self._post(self._drain)
 
-    def _resubmit(self, call: _RoutedCall) -> None:
-        with self._table.lock:
-            queue_first = bool(self._queue)
-            if queue_first:
-                self._queue.appendleft(call)
-        if queue_first:
-            self._drain()
-        elif not self._submit(call, from_queue=True):
-            with self._table.lock:
-                self._queue.appendleft(call)
+    def _mark_dead(self, pos: int) -> None:
+        table = self._table
+        with table.lock:
+            was_alive = table.alive[pos]
+            table.alive[pos] = False
+            table.all_alive = False
+        if was_alive and self._auto_restart:
+            self._post(self._restart_in_background)
+
+    def _retry(self, call: _RoutedCall, err: BaseException) -> None:
+        """Called by the waiter of a call whose actor failed: re-issue it elsewhere, or raise why not."""
+        pos = call.position
+        who = self._describe_position(pos)
+        if isinstance(err, RayActorDiedError):
+            self._mark_dead(pos)
+        if not call.retry or call.attempts + 1 >= _MAX_CHOOSE_ATTEMPTS:
+            reason = "not idempotent, so not retried" if not call.retry else f"{call.attempts + 1} attempts"
+            raise ActorDiedError(f"'{call.method}' failed: {who} died ({reason}): {_cause(err)}") from err
+        call.attempts += 1
+        log.warning("'%s' lost %s; retrying on another actor", call.method, who)
+        call.future.new_attempt()
+        self._submit(call, from_queue=False)
 
     def _drain(self) -> None:
         while True:
@@ -641,8 +645,9 @@ class ActorMesh(Generic[T]):
         root._placement.remove()
         with root._table.lock:
             root._table.alive = [False] * len(root._table.handles)
+            root._table.all_alive = False
             for call in root._queue:
-                call.future.set_exception(ActorDiedError(f"mesh '{root._name}' was shut down"))
+                call.future.failed(ActorDiedError(f"mesh '{root._name}' was shut down"))
             root._queue.clear()
 
     def __enter__(self) -> ActorMesh[T]:

@@ -89,5 +89,6 @@ def _check_feasible(n_bundles: int, bundle: Mapping[str, float], strategy: str) 
 
 
 def _summary(resources: Mapping[str, float]) -> str:
-    keep = {k: round(v, 2) for k, v in resources.items() if not k.startswith(("node:", "memory", "object_store"))}
+    skip = ("node:", "memory", "object_store", "bundle_group_")
+    keep = {k: round(v, 2) for k, v in resources.items() if not k.startswith(skip) and "_group_" not in k}
     return str(keep)

@@ -66,9 +66,13 @@ class PowerOfTwoRouter:
 
     def pick(self, load: Load, key: Hashable | None) -> int | None:
         avail = load.available
-        if len(avail) <= 1:
+        n = len(avail)
+        if n <= 1:
             return avail[0] if avail else None
-        a, b = self._rng.sample(avail, 2)
+        # two distinct picks without random.sample, which costs more than the rest of a routed call
+        i = int(self._rng.random() * n)
+        j = int(self._rng.random() * (n - 1))
+        a, b = avail[i], avail[j + 1 if j >= i else j]
         return a if load.in_flight[a] <= load.in_flight[b] else b
 
 
