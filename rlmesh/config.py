@@ -1,0 +1,241 @@
+"""The typed config schema: every key a recipe may set, its type and default. Hydra validates overrides against it.
+
+Names follow verl's where one exists. Global sizes are global (over all devices); per-device sizes end in
+`_per_device`. Nothing here is ever mutated after validation: derived sizes are computed where they are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # a local Hugging Face folder, or a hub name (needs network at run time)
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU; or float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+
+
+def follow_policy_model() -> ModelConfig:
+    """A role's model that follows the top-level `model` unless a recipe or override sets it."""
+    return ModelConfig(
+        path="${model.path}",
+        dtype="${model.dtype}",
+        gradient_checkpointing="${model.gradient_checkpointing}",  # type: ignore[arg-type]
+        trust_remote_code="${model.trust_remote_code}",  # type: ignore[arg-type]
+        attn_implementation="${model.attn_implementation}",
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    lr_warmup_steps: int = 0  # optimizer steps of linear warmup
+    lr_scheduler: str = "constant"  # constant | cosine | linear (decay after warmup)
+    min_lr_ratio: float = 0.0  # cosine/linear decay floor, as a fraction of lr
+    total_training_steps: int = -1  # -1: filled from trainer.total_steps × optimizer steps per step, never stored
+
+
+@dataclass
+class ActorConfig:
+    """The policy trainer (verl: actor_rollout_ref.actor)."""
+
+    _target_: str = "rlmesh.roles.trainer.PolicyTrainer"
+    model: ModelConfig = field(default_factory=follow_policy_model)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    strategy: str = "ddp"  # ddp | fsdp2
+    dp_size: int = 1  # data-parallel actors (devices on GPU)
+    ppo_mini_batch_size: int = 32  # prompts per optimizer step, global (× rollout.n samples)
+    ppo_micro_batch_size_per_device: int = 8  # samples per forward/backward on one device
+    use_dynamic_bsz: bool = False  # micro-batches by token budget instead of sample count
+    ppo_max_token_len_per_device: int = 16384
+    ppo_epochs: int = 1
+    shuffle: bool = False
+    policy_loss: str = "vanilla"  # vanilla (PPO clip) | gspo | any registered name
+    clip_ratio: float = 0.2
+    clip_ratio_low: float | None = None
+    clip_ratio_high: float | None = None
+    clip_ratio_c: float | None = 3.0  # dual-clip bound for negative advantages; null disables
+    loss_agg_mode: str = "token-mean"
+    loss_norm_constant: float | None = None  # for seq-mean-token-sum-norm (Dr.GRPO); null = max response length
+    entropy_coeff: float = 0.0
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.001
+    kl_loss_type: str = "low_var_kl"
+    resources_per_device: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+
+
+@dataclass
+class CriticConfig:
+    _target_: str = "rlmesh.roles.critic.Critic"
+    enable: bool | None = None  # None: on when the advantage estimator needs values (gae)
+    model: ModelConfig = field(default_factory=follow_policy_model)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    strategy: str = "ddp"
+    dp_size: int = 1
+    ppo_mini_batch_size: int = 32
+    ppo_micro_batch_size_per_device: int = 8
+    use_dynamic_bsz: bool = False
+    ppo_max_token_len_per_device: int = 16384
+    ppo_epochs: int = 1
+    cliprange_value: float = 0.5
+    loss_agg_mode: str = "token-mean"
+    resources_per_device: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+
+
+@dataclass
+class ReferenceConfig:
+    _target_: str = "rlmesh.roles.reference.Reference"
+    enable: bool | None = None  # None: on when a KL term is used (use_kl_loss or use_kl_in_reward)
+    dp_size: int = 1
+    log_prob_micro_batch_size_per_device: int = 16
+    resources_per_device: dict[str, float] = field(default_factory=lambda: {"CPU": 0.5})
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 512  # response length cap
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None  # None: derived from trainer.seed, the step and the prompt, so runs reproduce
+
+
+@dataclass
+class RolloutConfig:
+    _target_: str = "rlmesh.roles.rollout.vllm.VLLMRollout"
+    name: str = "vllm"  # hf | vllm (set by the config group)
+    n: int = 8  # samples per prompt
+    num_engines: int = 1  # rollout actors (each one engine)
+    tensor_parallel_size: int = 1
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    val_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
+    val_n: int = 1
+    gpu_memory_utilization: float = 0.3  # on CPU: the fraction of host RAM vLLM reserves for its KV cache
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    dtype: str = "auto"
+    generation_batch_size: int = 64  # HF backend: sequences per generate() call
+    max_concurrent_requests_per_engine: int | None = None  # mesh in-flight cap (pull-style dispatch)
+    weight_sync: str = "auto"  # auto | object_store | gloo | nccl | cuda_ipc
+    sync_bucket_mb: int = 256
+    sync_timeout_s: float = 120.0
+    resources_per_engine: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+
+
+@dataclass
+class RewardConfig:
+    _target_: str = "rlmesh.roles.reward.RuleReward"
+    name: str = "rule"  # rule | model
+    num_actors: int = 1
+    custom_reward_function: dict[str, Any] = field(default_factory=lambda: {"path": None, "name": "compute_score"})
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_workers: int = 2  # scoring processes per reward actor
+    timeout_s: float = 10.0  # per sample; a sample over it gets fallback_score
+    fallback_score: float = 0.0
+    overlong_buffer: dict[str, Any] = field(
+        default_factory=lambda: {"enable": False, "len": 0, "penalty_factor": 1.0}
+    )  # DAPO's soft overlong penalty
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(path=""))  # the reward model, for name=model
+    micro_batch_size_per_device: int = 16
+    resources_per_actor: dict[str, float] = field(default_factory=lambda: {"CPU": 0.5})
+
+
+@dataclass
+class RolesConfig:
+    trainer: ActorConfig = field(default_factory=ActorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+
+@dataclass
+class KLControlConfig:
+    type: str = "fixed"  # fixed | adaptive
+    kl_coef: float = 0.001
+    target_kl: float = 0.1
+    horizon: int = 10000
+
+
+@dataclass
+class AlgorithmConfig:
+    adv_estimator: str = "grpo"  # gae | grpo | rloo | reinforce_plus_plus | reinforce_plus_plus_baseline | remax | opo
+    gamma: float = 1.0
+    lam: float = 1.0
+    norm_adv_by_std_in_grpo: bool = True  # false = Dr.GRPO
+    use_kl_in_reward: bool = False
+    kl_penalty: str = "kl"  # k1/kl | k2/mse | k3/low_var_kl | abs
+    kl_ctrl: KLControlConfig = field(default_factory=KLControlConfig)
+    dynamic_sampling: dict[str, Any] = field(
+        default_factory=lambda: {"enable": False, "max_num_gen_batches": 10}
+    )  # DAPO: regenerate until every kept group has reward variance
+
+
+@dataclass
+class DataConfig:
+    task: str | None = None  # a synthetic task generated on the fly (arithmetic | countdown | digit_sort)
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+    train_size: int = 8192  # synthetic rows
+    val_size: int = 256
+    train_files: list[str] = field(default_factory=list)  # parquet / jsonl / datasets folders / hub names
+    val_files: list[str] = field(default_factory=list)
+    train_batch_size: int = 32  # prompts per step, global
+    val_batch_size: int | None = None  # None: the whole validation set at once
+    max_prompt_length: int = 512
+    truncation: str = "error"  # error | filter | truncate_left | truncate_right
+    apply_chat_template: bool = True
+    shuffle: bool = True
+    strict: bool = False  # malformed rows raise instead of being reported and skipped
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # None: start a local Ray on 127.0.0.1; "auto" joins a running cluster
+    num_cpus: float | None = None  # local Ray: None = enough for the roles
+    num_gpus: int | None = None
+    placement_timeout_s: float = 120.0
+
+
+@dataclass
+class TrainerConfig:
+    project_name: str = "rlmesh"
+    experiment_name: str = "run"
+    total_steps: int | None = None  # None: total_epochs × steps per epoch
+    total_epochs: int = 1
+    test_freq: int = 10  # validate every N steps (and before training); -1 = never
+    val_before_train: bool = True
+    save_freq: int = -1  # checkpoint every N steps (and at the end); -1 = only at the end; 0 = never
+    keep_last: int = 2  # checkpoints kept
+    resume: str = "auto"  # auto | never | <checkpoint path>
+    output_dir: str = "outputs/${trainer.project_name}/${trainer.experiment_name}"
+    device: str = "auto"  # auto = cuda when n_gpus > 0, else cpu
+    n_gpus: int = 0  # GPUs the run may use in total (roles place their actors on them)
+    seed: int = 1
+    logger: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])  # + wandb
+    progress_bar: bool = True
+    plot: bool = True  # a PNG of reward and validation accuracy per step at the end
+
+
+@dataclass
+class RlmeshConfig:
+    recipe: str = "grpo"
+    model: ModelConfig = field(default_factory=ModelConfig)  # the policy; roles interpolate ${model} by default
+    roles: RolesConfig = field(default_factory=RolesConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)

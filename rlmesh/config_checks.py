@@ -1,0 +1,311 @@
+"""Config checks that run before any actor starts; each failure names the key, the value and the fix."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlmesh.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
+from rlmesh.config import RlmeshConfig
+
+Report = Callable[[str, object, str, str], None]  # bad(key, value, why, fix)
+VALUE_ESTIMATORS = {"gae"}  # estimators that need a critic
+GROUP_ESTIMATORS = {"grpo", "rloo", "reinforce_plus_plus_baseline", "opo"}  # need n > 1 samples per prompt
+
+
+class ConfigError(ValueError):
+    """One or more config values cannot work; the message lists each with its fix."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the checks derived from the config (the config itself is never changed)."""
+
+    device: str
+    use_critic: bool
+    use_reference: bool
+    resources: dict[str, dict[str, float]]  # role -> total resources its mesh needs
+    samples_per_step: int
+
+
+def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPlan:
+    """Raise ConfigError listing every problem; return the derived plan when there is none."""
+    problems: list[str] = []
+    roles, algo, data, trainer = cfg.roles, cfg.algorithm, cfg.data, cfg.trainer
+    actor, critic, rollout = roles.trainer, roles.critic, roles.rollout
+
+    def bad(key: str, value: object, why: str, fix: str) -> None:
+        problems.append(f"{key}={value!r}: {why}. Fix: {fix}")
+
+    # --- algorithm choices
+    if algo.adv_estimator not in ADVANTAGE_ESTIMATORS:
+        bad(
+            "algorithm.adv_estimator",
+            algo.adv_estimator,
+            "unknown estimator",
+            f"use one of {sorted(ADVANTAGE_ESTIMATORS)}",
+        )
+    if actor.policy_loss not in POLICY_LOSSES:
+        bad(
+            "roles.trainer.policy_loss", actor.policy_loss, "unknown policy loss", f"use one of {sorted(POLICY_LOSSES)}"
+        )
+    for key, mode in (
+        ("roles.trainer.loss_agg_mode", actor.loss_agg_mode),
+        ("roles.critic.loss_agg_mode", critic.loss_agg_mode),
+    ):
+        if mode not in LOSS_AGG_MODES:
+            bad(key, mode, "unknown loss aggregation", f"use one of {sorted(LOSS_AGG_MODES)}")
+    for key, kind in (("algorithm.kl_penalty", algo.kl_penalty), ("roles.trainer.kl_loss_type", actor.kl_loss_type)):
+        if kind not in KL_ESTIMATORS:
+            bad(key, kind, "unknown KL estimator", f"use one of {sorted(KL_ESTIMATORS)}")
+    if algo.kl_ctrl.type not in ("fixed", "adaptive"):
+        bad("algorithm.kl_ctrl.type", algo.kl_ctrl.type, "unknown KL controller", "use fixed or adaptive")
+
+    use_critic = critic.enable if critic.enable is not None else algo.adv_estimator in VALUE_ESTIMATORS
+    if algo.adv_estimator in VALUE_ESTIMATORS and not use_critic:
+        bad(
+            "roles.critic.enable",
+            critic.enable,
+            f"adv_estimator={algo.adv_estimator} needs a critic's values",
+            "set roles.critic.enable=true, or pick a critic-free estimator such as grpo",
+        )
+    use_kl = actor.use_kl_loss or algo.use_kl_in_reward
+    use_reference = roles.reference.enable if roles.reference.enable is not None else use_kl
+    if use_kl and not use_reference:
+        bad(
+            "roles.reference.enable",
+            roles.reference.enable,
+            "a KL term needs reference log-probs",
+            "set roles.reference.enable=true, or turn off roles.trainer.use_kl_loss and algorithm.use_kl_in_reward",
+        )
+    if actor.use_kl_loss and algo.use_kl_in_reward:
+        bad(
+            "roles.trainer.use_kl_loss",
+            True,
+            "KL both as a loss and as a reward penalty counts it twice",
+            "keep one: roles.trainer.use_kl_loss (GRPO style) or algorithm.use_kl_in_reward (PPO style)",
+        )
+    if algo.adv_estimator in GROUP_ESTIMATORS and rollout.n < 2:
+        bad(
+            "roles.rollout.n",
+            rollout.n,
+            f"{algo.adv_estimator} compares samples within a prompt's group",
+            "set roles.rollout.n to 2 or more",
+        )
+
+    # --- sizes: global stays global; every split must be exact
+    positive = {
+        "data.train_batch_size": data.train_batch_size,
+        "roles.rollout.n": rollout.n,
+        "roles.trainer.dp_size": actor.dp_size,
+        "roles.trainer.ppo_mini_batch_size": actor.ppo_mini_batch_size,
+        "roles.trainer.ppo_micro_batch_size_per_device": actor.ppo_micro_batch_size_per_device,
+        "roles.trainer.ppo_epochs": actor.ppo_epochs,
+        "roles.rollout.num_engines": rollout.num_engines,
+        "roles.reward.num_actors": roles.reward.num_actors,
+        "roles.rollout.sampling.max_tokens": rollout.sampling.max_tokens,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            bad(key, value, "must be at least 1", "use a positive number")
+    if not problems:
+        _check_split(
+            bad,
+            "roles.trainer",
+            actor.ppo_mini_batch_size,
+            actor.dp_size,
+            actor.ppo_micro_batch_size_per_device,
+            actor.use_dynamic_bsz,
+            data.train_batch_size,
+            rollout.n,
+        )
+        if use_critic:
+            _check_split(
+                bad,
+                "roles.critic",
+                critic.ppo_mini_batch_size,
+                critic.dp_size,
+                critic.ppo_micro_batch_size_per_device,
+                critic.use_dynamic_bsz,
+                data.train_batch_size,
+                rollout.n,
+            )
+
+    # --- where things come from
+    _check_model_path(bad, "model.path", cfg.model.path)
+    if actor.model.path != cfg.model.path:
+        _check_model_path(bad, "roles.trainer.model.path", actor.model.path)
+    if use_critic and critic.model.path != cfg.model.path:
+        _check_model_path(bad, "roles.critic.model.path", critic.model.path)
+    if roles.reward.name == "model":
+        _check_model_path(bad, "roles.reward.model.path", roles.reward.model.path)
+    custom = roles.reward.custom_reward_function
+    if custom.get("path") and not Path(custom["path"]).is_file() and not _importable(custom["path"]):
+        bad(
+            "roles.reward.custom_reward_function.path",
+            custom["path"],
+            "no such file or module",
+            "give the path of a .py file (or an importable module) defining the function",
+        )
+    if data.task is None and not data.train_files:
+        bad(
+            "data.train_files",
+            list(data.train_files),
+            "no training data",
+            "set data.task=arithmetic or data.train_files=[...]",
+        )
+    for key, files in (("data.train_files", data.train_files), ("data.val_files", data.val_files)):
+        for f in files:
+            if not _looks_like_hub_name(f) and not Path(f).exists():
+                bad(key, f, "file not found", "check the path (relative paths start at the directory you ran from)")
+    if data.truncation not in ("error", "filter", "truncate_left", "truncate_right"):
+        bad("data.truncation", data.truncation, "unknown policy", "use error, filter, truncate_left or truncate_right")
+    if rollout.name == "vllm" and importlib.util.find_spec("vllm") is None:
+        bad("rollout", "vllm", "vLLM is not installed", "pip install 'rlmesh[cpu]' (or [gpu]), or choose rollout=hf")
+    if trainer.resume not in ("auto", "never") and not Path(trainer.resume).exists():
+        bad(
+            "trainer.resume",
+            trainer.resume,
+            "no such checkpoint folder",
+            "use auto, never, or an existing checkpoint path",
+        )
+
+    # --- devices
+    device = trainer.device if trainer.device != "auto" else ("cuda" if trainer.n_gpus > 0 else "cpu")
+    if device not in ("cpu", "cuda"):
+        bad("trainer.device", trainer.device, "unknown device", "use auto, cpu or cuda")
+    gpus = _count_gpus() if gpus_available is None else gpus_available
+    if device == "cuda" and gpus < max(trainer.n_gpus, 1):
+        bad(
+            "trainer.n_gpus",
+            trainer.n_gpus,
+            f"this machine has {gpus} GPU(s)",
+            "lower trainer.n_gpus or use trainer.device=cpu",
+        )
+    if device == "cpu" and rollout.tensor_parallel_size > 1:
+        bad(
+            "roles.rollout.tensor_parallel_size",
+            rollout.tensor_parallel_size,
+            "tensor parallel generation needs GPUs",
+            "set it to 1 on CPU",
+        )
+
+    resources = {
+        "trainer": _times(actor.resources_per_device, actor.dp_size),
+        "rollout": _times(rollout.resources_per_engine, rollout.num_engines),
+        "reward": _times(roles.reward.resources_per_actor, roles.reward.num_actors),
+    }
+    if use_critic:
+        resources["critic"] = _times(critic.resources_per_device, critic.dp_size)
+    if use_reference:
+        resources["reference"] = _times(roles.reference.resources_per_device, roles.reference.dp_size)
+    if problems:
+        raise ConfigError(problems)
+    return RunPlan(device, use_critic, use_reference, resources, data.train_batch_size * rollout.n)
+
+
+def check_cluster_resources(plan: RunPlan, cluster: dict[str, float]) -> None:
+    """Fail before any actor starts if the roles together need more than the cluster has."""
+    need: dict[str, float] = {}
+    for role_needs in plan.resources.values():
+        for key, value in role_needs.items():
+            need[key] = need.get(key, 0.0) + value
+    short = {k: (v, cluster.get(k, 0.0)) for k, v in need.items() if v > cluster.get(k, 0.0) + 1e-9}
+    if short:
+        detail = ", ".join(f"{k}: need {v:g}, cluster has {have:g}" for k, (v, have) in short.items())
+        per_role = "; ".join(f"{role} {r}" for role, r in plan.resources.items())
+        raise ConfigError(
+            [
+                f"the roles need more than the cluster has ({detail}); per role: {per_role}. Fix: lower the roles' "
+                "dp_size/num_engines/num_actors or their resources_per_* (fractions are fine), or add nodes"
+            ]
+        )
+
+
+def _check_split(bad: Report, prefix: str, mini: int, dp: int, micro: int, dynamic: bool, prompts: int, n: int) -> None:
+    if prompts % mini:
+        bad(
+            f"{prefix}.ppo_mini_batch_size",
+            mini,
+            f"does not divide data.train_batch_size={prompts}",
+            f"pick a divisor of {prompts}",
+        )
+        return
+    if (prompts * n) % dp:
+        bad(
+            f"{prefix}.dp_size",
+            dp,
+            f"does not divide the {prompts * n} samples of a step (train_batch_size × n)",
+            "pick a dp_size that divides train_batch_size × rollout.n",
+        )
+        return
+    if (mini * n) % dp:
+        bad(
+            f"{prefix}.ppo_mini_batch_size",
+            mini,
+            f"× n={n} samples do not split over dp_size={dp}",
+            "make ppo_mini_batch_size × rollout.n a multiple of dp_size",
+        )
+        return
+    local = mini * n // dp
+    if not dynamic and local % micro:
+        bad(
+            f"{prefix}.ppo_micro_batch_size_per_device",
+            micro,
+            f"does not divide the {local} samples each device gets per mini-batch",
+            f"pick a divisor of {local}, or set {prefix}.use_dynamic_bsz=true",
+        )
+
+
+def _check_model_path(bad: Report, key: str, path: str) -> None:
+    if not path:
+        bad(key, path, "no model given", f"set {key} to a Hugging Face model folder or hub name")
+        return
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file():
+            bad(key, path, "the folder has no config.json", "point to a Hugging Face model folder")
+        return
+    if _looks_like_hub_name(path):
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(path, "config.json"), str):
+            return
+        if os.environ.get("HF_HUB_OFFLINE") != "1":
+            return  # it will be downloaded at start
+    bad(
+        key,
+        path,
+        "not a local model folder (and not in the Hugging Face cache)",
+        "pass a local folder, or download it first: huggingface-cli download " + str(path),
+    )
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _looks_like_hub_name(path: str) -> bool:
+    return path.count("/") == 1 and not path.startswith((".", "/")) and not Path(path).exists()
+
+
+def _times(resources: dict[str, float], count: int) -> dict[str, float]:
+    return {k: float(v) * count for k, v in resources.items()}
+
+
+def _count_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:
+        return 0

@@ -1,0 +1,285 @@
+"""The single controller: one PPO/GRPO step, readable top to bottom, with validation, checkpoints and metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from rlmesh.algo import apply_kl_penalty, get_advantage_estimator, make_kl_controller
+from rlmesh.checkpoint import CheckpointManager, capture_rng, load_controller_state, restore_rng, save_controller_state
+from rlmesh.config import RlmeshConfig, SamplingConfig
+from rlmesh.data import Batch, PromptLoader, PromptRow
+from rlmesh.mesh import ActorMesh, MeshFuture, wait_all
+from rlmesh.metrics import data_metrics, reward_metrics, throughput_metrics, validation_metrics
+from rlmesh.roles.rollout.base import Sample, sampling_seed
+from rlmesh.tracking import ProgressBar, Tracker, reduce_metrics, timed
+
+log = logging.getLogger(__name__)
+
+
+class WeightSync(Protocol):
+    def setup(self) -> None: ...
+    def push(self, version: int) -> dict[str, float]: ...
+
+
+@dataclass
+class Roles:
+    """The meshes one run drives. Reference and critic are None when the algorithm does not use them."""
+
+    trainer: ActorMesh[Any]
+    rollout: ActorMesh[Any]
+    reward: ActorMesh[Any]
+    reference: ActorMesh[Any] | None
+    critic: ActorMesh[Any] | None
+    weight_sync: WeightSync
+
+
+class RLLoop:
+    def __init__(
+        self,
+        cfg: RlmeshConfig,
+        roles: Roles,
+        train_prompts: PromptLoader[PromptRow],
+        val_prompts: list[PromptRow],
+        pad_token_id: int,
+        run_dir: Path,
+        tracker: Tracker,
+    ) -> None:
+        self.cfg, self.roles, self.train_prompts, self.val_prompts = cfg, roles, train_prompts, val_prompts
+        self.pad_token_id, self.run_dir, self.tracker = pad_token_id, run_dir, tracker
+        self.checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.trainer.keep_last)
+        kl = cfg.algorithm.kl_ctrl
+        self.kl_ctrl = make_kl_controller(kl.type, kl.kl_coef, kl.target_kl, kl.horizon)
+        self.estimator = get_advantage_estimator(cfg.algorithm.adv_estimator)
+        self.n = cfg.roles.rollout.n
+        self.n_devices = cfg.roles.trainer.dp_size
+
+    # ---------------------------------------------------------------- one step
+
+    def step(self, step: int) -> dict[str, float]:
+        cfg, roles, metrics = self.cfg, self.roles, {"training/global_step": float(step)}
+        t_step = time.perf_counter()
+        # 1. generate n responses per prompt (and score them, when dynamic sampling must filter on the score)
+        batch = self.rollout_batch(step, metrics)
+        # 2. reward, reference log-probs, old log-probs and values: issued together, awaited together
+        issued = time.perf_counter()
+        pending = {
+            "reward": None if "token_level_scores" in batch else roles.reward.score.shard(batch),
+            "ref": roles.reference.compute_ref_logprobs.shard(batch) if roles.reference else None,
+            "old_log_prob": roles.trainer.compute_logprobs.shard(batch),
+            "values": roles.critic.compute_values.shard(batch) if roles.critic else None,
+        }
+        for name, future in pending.items():
+            if future is not None:
+                batch = merge(batch, self.wait_timed(future, name, issued, metrics))
+        # 3. advantages, on the controller
+        with timed(metrics, "adv"):
+            batch, kl_metrics = self.compute_advantages(batch)
+        # 4. critic and policy updates, issued together
+        issued = time.perf_counter()
+        per_rank = list  # keep each rank's metrics dict; reduce_metrics averages them
+        critic_update = roles.critic.update.options(collect=per_rank).shard(batch) if roles.critic else None
+        actor_update = roles.trainer.update.options(collect=per_rank).shard(batch)
+        if critic_update is not None:
+            metrics |= reduce_metrics(self.wait_timed(critic_update, "update_critic", issued, metrics))
+        metrics |= reduce_metrics(self.wait_timed(actor_update, "update_actor", issued, metrics))
+        # 5. the rollout engines get the new weights
+        with timed(metrics, "update_weights"):
+            metrics |= roles.weight_sync.push(version=step)
+        # 6. metrics, with verl's names
+        metrics |= kl_metrics | reward_metrics(batch)
+        metrics |= data_metrics(
+            batch,
+            max_response_length=cfg.roles.rollout.sampling.max_tokens,
+            max_prompt_length=cfg.data.max_prompt_length,
+        )
+        metrics["timing_s/step"] = time.perf_counter() - t_step
+        metrics |= throughput_metrics(batch, metrics["timing_s/step"], self.n_devices)
+        return metrics
+
+    def rollout_batch(self, step: int, metrics: dict[str, float]) -> Batch:
+        """n samples per prompt; with DAPO's dynamic sampling, keep drawing prompts until enough groups have
+        reward variance (groups where every sample scored the same carry no GRPO signal)."""
+        prompts = self.train_prompts.next_batch()
+        with timed(metrics, "gen"):
+            batch = self.generate(prompts, self.n, self.cfg.roles.rollout.sampling, step)
+        dynamic = self.cfg.algorithm.dynamic_sampling
+        if not dynamic["enable"]:
+            return batch
+        wanted, kept, draws = len(prompts), [], 0
+        while True:
+            draws += 1
+            with timed(metrics, "reward"):
+                batch = merge(batch, self.roles.reward.score.shard(batch).result())
+            kept.append(batch[varied_groups(batch, self.n)])
+            if sum(len(b) for b in kept) >= wanted * self.n or draws >= dynamic["max_num_gen_batches"]:
+                break
+            with timed(metrics, "gen"):
+                batch = self.generate(self.train_prompts.next_batch(), self.n, self.cfg.roles.rollout.sampling, step)
+        result = Batch.concat(kept)
+        metrics["dynamic_sampling/gen_batches"] = float(draws)
+        metrics["dynamic_sampling/kept_groups"] = float(len(result) // self.n)
+        if len(result) < wanted * self.n:
+            log.warning("dynamic sampling kept %d of %d groups after %d batches", len(result) // self.n, wanted, draws)
+            result = result[: (len(result) // self.n) * self.n]
+        return result[: wanted * self.n]
+
+    def generate(self, prompts: list[PromptRow], n: int, sampling: SamplingConfig, step: int) -> Batch:
+        """One routed request per prompt; the engines batch them continuously. Token ids in, token ids out."""
+        seeds = [
+            sampling.seed if sampling.seed is not None else sampling_seed(self.cfg.trainer.seed, step, p["index"])
+            for p in prompts
+        ]
+        futures = [
+            self.roles.rollout.generate.choose(p["prompt_ids"], n, sampling, seed)
+            for p, seed in zip(prompts, seeds, strict=True)
+        ]
+        groups: list[list[Sample]] = wait_all(futures)
+        samples = [s for group in groups for s in group]
+        rows = [p for p in prompts for _ in range(n)]
+        return Batch.from_generations(
+            [s.prompt_ids for s in samples],
+            [s.response_ids for s in samples],
+            [s.logprobs for s in samples],
+            pad_token_id=self.pad_token_id,
+            non_tensors={
+                "data_source": [r["data_source"] for r in rows],
+                "ground_truth": [r["ground_truth"] for r in rows],
+                "extra_info": [r["extra_info"] for r in rows],
+                "uid": [f"{step}/{r['index']}" for r in rows],
+                "weight_version": [s.weight_version for s in samples],
+            },
+            meta={"temperature": sampling.temperature or 1.0},
+        )
+
+    def compute_advantages(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
+        algo, metrics = self.cfg.algorithm, {}
+        rewards = batch["token_level_scores"]
+        if algo.use_kl_in_reward:
+            rewards, mean_kl = apply_kl_penalty(
+                rewards,
+                batch["old_logprobs"],
+                batch["ref_logprobs"],
+                batch["response_mask"],
+                self.kl_ctrl.value,
+                algo.kl_penalty,
+            )
+            metrics = {"actor/reward_kl_penalty": float(mean_kl), "actor/reward_kl_penalty_coeff": self.kl_ctrl.value}
+            self.kl_ctrl.update(float(mean_kl), n_steps=len(batch))
+        advantages, returns = self.estimator(
+            rewards,
+            batch["response_mask"],
+            group_ids=batch["uid"],
+            values=batch.get("values"),
+            gamma=algo.gamma,
+            lam=algo.lam,
+            norm_adv_by_std=algo.norm_adv_by_std_in_grpo,
+        )
+        batch["token_level_rewards"], batch["advantages"], batch["returns"] = rewards, advantages, returns
+        return batch, metrics
+
+    @staticmethod
+    def wait_timed(future: MeshFuture[Any], name: str, issued: float, metrics: dict[str, float]) -> Any:
+        result = future.result()
+        metrics[f"timing_s/{name}"] = time.perf_counter() - issued
+        return result
+
+    # ---------------------------------------------------------------- validation
+
+    def validate(self, step: int) -> dict[str, float]:
+        rollout = self.cfg.roles.rollout
+        if not self.val_prompts:
+            return {}
+        metrics: dict[str, float] = {}
+        with timed(metrics, "testing"):
+            batch = self.generate(self.val_prompts, rollout.val_n, rollout.val_sampling, step=-1)
+            scored = self.roles.reward.score.shard(batch).result()
+        accs = scored.get("acc")
+        return metrics | validation_metrics(batch["data_source"], scored["score"], accs, rollout.val_n)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save(self, step: int) -> None:
+        """Every role writes into one staging folder, which becomes step_N atomically once all have succeeded."""
+        with self.checkpoints.saving(step) as staging:
+            saves = [self.roles.trainer.save_checkpoint.all(str(staging))]
+            if self.roles.critic is not None:
+                saves.append(self.roles.critic.save_checkpoint.all(str(staging)))
+            controller = {
+                "step": step,
+                "train_prompts": self.train_prompts.state_dict(),
+                "kl_ctrl": self.kl_ctrl.state_dict(),
+                "rng": capture_rng(),
+            }
+            save_controller_state(staging, controller)
+            wait_all(saves)
+
+    def resume(self) -> int:
+        """Restore the latest (or the named) checkpoint and return the next step to run; 1 for a fresh run."""
+        self.checkpoints.clean_stale()
+        folder = self.checkpoints.resolve_resume(self.cfg.trainer.resume)
+        if folder is None:
+            return 1
+        state = load_controller_state(folder)
+        loads = [self.roles.trainer.load_checkpoint.all(str(folder))]
+        if self.roles.critic is not None:
+            loads.append(self.roles.critic.load_checkpoint.all(str(folder)))
+        wait_all(loads)
+        self.train_prompts.load_state_dict(state["train_prompts"])
+        self.kl_ctrl.load_state_dict(state["kl_ctrl"])
+        restore_rng(state["rng"])
+        self.roles.weight_sync.push(version=state["step"])
+        log.info("resumed from %s at step %d", folder, state["step"])
+        return int(state["step"]) + 1
+
+    # ---------------------------------------------------------------- the run
+
+    def fit(self, total_steps: int) -> list[dict[str, float]]:
+        trainer_cfg = self.cfg.trainer
+        start = self.resume()
+        history: list[dict[str, float]] = []
+        bar = ProgressBar(total_steps, initial_step=start - 1, enabled=trainer_cfg.progress_bar)
+        try:
+            if trainer_cfg.val_before_train and trainer_cfg.test_freq > 0 and start == 1:
+                val = self.validate(0)
+                self.tracker.log(val, step=0)
+                bar.update(0, val)
+            for step in range(start, total_steps + 1):
+                metrics = self.step(step)
+                last = step == total_steps
+                if trainer_cfg.test_freq > 0 and (step % trainer_cfg.test_freq == 0 or last):
+                    metrics |= self.validate(step)
+                if trainer_cfg.save_freq != 0 and (
+                    last or (trainer_cfg.save_freq > 0 and step % trainer_cfg.save_freq == 0)
+                ):
+                    with timed(metrics, "save_checkpoint"):
+                        self.save(step)
+                self.tracker.log(metrics, step=step)
+                bar.update(step, metrics)
+                history.append(metrics)
+        finally:
+            bar.close()
+        return history
+
+
+def merge(batch: Batch, extra: Batch) -> Batch:
+    """Add the fields a role returned (same rows, same order) to the batch."""
+    if len(extra) != len(batch):
+        raise RuntimeError(f"a role returned {len(extra)} rows for a batch of {len(batch)}")
+    for key in extra.keys():  # noqa: SIM118 - a Batch refuses iteration
+        batch[key] = extra[key]
+    for key, value in extra.meta.items():
+        batch.meta.setdefault(key, value)
+    return batch
+
+
+def varied_groups(batch: Batch, n: int) -> torch.Tensor:
+    """Row indices of the groups whose n sequence scores are not all equal."""
+    scores = batch["token_level_scores"].sum(-1).view(-1, n)
+    keep = scores.std(dim=1, unbiased=False) > 0
+    return torch.arange(len(batch)).view(-1, n)[keep].reshape(-1)

@@ -1,0 +1,84 @@
+"""Step and validation metrics under verl's names, computed from a Batch (pure functions)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from rlmesh.algo import explained_variance
+from rlmesh.data import Batch
+
+
+def _stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
+    values = values.float()
+    if values.numel() == 0:
+        return {}
+    return {
+        f"{prefix}/mean": values.mean().item(),
+        f"{prefix}/max": values.max().item(),
+        f"{prefix}/min": values.min().item(),
+    }
+
+
+def data_metrics(batch: Batch, *, max_response_length: int, max_prompt_length: int) -> dict[str, float]:
+    """critic/score, critic/rewards, critic/advantages, critic/returns, critic/values, response_length and
+    prompt_length statistics, as verl's compute_data_metrics names them."""
+    mask = batch["response_mask"].bool()
+    response_length = mask.sum(-1).float()
+    prompt_width = batch["prompt_ids"].shape[1]
+    prompt_length = batch["attention_mask"][:, :prompt_width].sum(-1).float()  # prompts are left-padded
+    out: dict[str, float] = {}
+    out |= _stats("critic/score", batch["token_level_scores"].sum(-1))
+    out |= _stats("critic/rewards", batch["token_level_rewards"].sum(-1))
+    for key in ("advantages", "returns", "values"):
+        if key in batch:
+            out |= _stats(f"critic/{key}", batch[key][mask])
+    if "values" in batch and "returns" in batch:
+        out["critic/vf_explained_var"] = float(explained_variance(batch["values"], batch["returns"], mask))
+    out |= _stats("response_length", response_length)
+    out["response_length/clip_ratio"] = (response_length >= max_response_length).float().mean().item()
+    out |= _stats("prompt_length", prompt_length)
+    out["prompt_length/clip_ratio"] = (prompt_length >= max_prompt_length).float().mean().item()
+    return out
+
+
+def throughput_metrics(batch: Batch, step_seconds: float, n_devices: int) -> dict[str, float]:
+    """perf/total_num_tokens (prompt + response tokens of the step) and perf/throughput in tokens/s per device."""
+    tokens = float(batch["attention_mask"].sum().item())
+    return {
+        "perf/total_num_tokens": tokens,
+        "perf/time_per_step": step_seconds,
+        "perf/throughput": tokens / max(step_seconds, 1e-9) / max(n_devices, 1),
+    }
+
+
+def reward_metrics(batch: Batch) -> dict[str, float]:
+    """reward/errors and reward/timeouts counts, and the mean of every extra a scorer returned (e.g. acc)."""
+    failures = batch.get("reward_failure", [None] * len(batch))
+    out = {
+        "reward/errors": float(sum(f == "error" for f in failures)),
+        "reward/timeouts": float(sum(f == "timeout" for f in failures)),
+    }
+    for key in batch.meta.get("reward_extra_keys", ()):
+        values = [float(v) for v in batch[key] if isinstance(v, (int, float, bool))]
+        if values:
+            out[f"reward/{key}/mean"] = sum(values) / len(values)
+    return out
+
+
+def validation_metrics(
+    data_sources: Sequence[str], scores: Sequence[float], accs: Sequence[float] | None, n: int
+) -> dict[str, float]:
+    """val-core/<data_source>/acc/mean@n (accuracy where the scorer reports one, else the score) and
+    val-core/<data_source>/reward/mean@n, averaged over every sample of every prompt."""
+    by_source: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for i, source in enumerate(data_sources):
+        acc = accs[i] if accs is not None else scores[i]
+        by_source[source].append((float(scores[i]), float(acc)))
+    out: dict[str, float] = {}
+    for source, pairs in by_source.items():
+        out[f"val-core/{source}/reward/mean@{n}"] = sum(p[0] for p in pairs) / len(pairs)
+        out[f"val-core/{source}/acc/mean@{n}"] = sum(p[1] for p in pairs) / len(pairs)
+    return out

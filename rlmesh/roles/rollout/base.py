@@ -1,0 +1,23 @@
+"""What every rollout backend returns: token-in/token-out samples stamped with the weight version."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+
+@dataclass
+class Sample:
+    """One generated response. Token ids are never re-tokenized between generation and training."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]  # rollout log-prob of each response token under the sampling distribution
+    weight_version: int  # the policy version that produced it
+    finish_reason: str = "stop"  # stop | length
+
+
+def sampling_seed(base_seed: int, step: int, prompt_index: int) -> int:
+    """A per-request seed from (run seed, step, prompt): reproducible and independent of routing or restarts."""
+    digest = hashlib.blake2b(f"{base_seed}/{step}/{prompt_index}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF

@@ -1,0 +1,240 @@
+"""Hydra entry point: compose the recipe, validate it, start Ray, build the role meshes and run the loop.
+
+python -m rlmesh.train recipe=grpo [dotted.overrides ...]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, cast
+
+import hydra
+import ray
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from rlmesh.config import RlmeshConfig
+from rlmesh.config_checks import RunPlan, check_cluster_resources, check_config
+from rlmesh.loop import RLLoop, Roles
+from rlmesh.mesh import ActorMesh
+
+log = logging.getLogger("rlmesh")
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+OmegaConf.register_new_resolver("rlmesh_asset", lambda name: str(ASSETS / name), replace=True)
+ConfigStore.instance().store(name="rlmesh_schema", node=RlmeshConfig)
+
+
+@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def run(cfg: DictConfig) -> list[dict[str, float]]:
+    """Validate everything, then train. Returns the per-step metrics."""
+    typed: RlmeshConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]  # schema type errors name the key
+    plan = check_config(typed)
+    run_dir = Path(typed.trainer.output_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(typed.model.path, trust_remote_code=typed.model.trust_remote_code)
+    train_prompts, val_prompts = build_prompts(typed, tokenizer)
+    total_steps = typed.trainer.total_steps or typed.trainer.total_epochs * len(train_prompts)
+
+    started_ray = start_ray(typed, plan)
+    meshes: list[ActorMesh[Any]] = []
+    try:
+        check_cluster_resources(plan, ray.cluster_resources())
+        roles = build_roles(typed, plan, total_steps, meshes)
+        roles.weight_sync.setup()
+        from rlmesh.tracking import Tracker, plot_curves
+
+        container = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+        with Tracker(
+            run_dir, list(typed.trainer.logger), typed.trainer.project_name, typed.trainer.experiment_name, container
+        ) as tracker:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            loop = RLLoop(typed, roles, train_prompts, val_prompts, pad, run_dir, tracker)
+            history = loop.fit(total_steps)
+        if typed.trainer.plot and "jsonl" in typed.trainer.logger:
+            png = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+            log.info("learning curves: %s", png)
+        return history
+    finally:
+        for mesh in meshes:
+            mesh.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+def build_prompts(cfg: RlmeshConfig, tokenizer: Any) -> tuple[Any, list[Any]]:
+    """The training loader and the validation prompts, from a synthetic task or verl-format files."""
+    from rlmesh.data import PromptDataset, PromptLoader, make_task_rows
+
+    data = cfg.data
+    options: dict[str, Any] = dict(
+        max_prompt_length=data.max_prompt_length,
+        overlong=data.truncation,
+        apply_chat_template=data.apply_chat_template,
+        strict=data.strict,
+    )
+    val: PromptDataset | None
+    if data.task is not None:
+        rows = make_task_rows(data.task, data.train_size, cfg.trainer.seed, "train", **data.task_kwargs)
+        train = PromptDataset.from_rows(rows, tokenizer, name=f"{data.task}/train", **options)
+        val_rows = make_task_rows(data.task, data.val_size, cfg.trainer.seed, "test", **data.task_kwargs)
+        val = PromptDataset.from_rows(val_rows, tokenizer, name=f"{data.task}/test", **options)
+    else:
+        train = PromptDataset(list(data.train_files), tokenizer, **options)
+        val = PromptDataset(list(data.val_files), tokenizer, split="test", **options) if data.val_files else None
+    loader = PromptLoader(train, data.train_batch_size, shuffle=data.shuffle, seed=cfg.trainer.seed)
+    return loader, [val[i] for i in range(len(val))] if val is not None else []
+
+
+def start_ray(cfg: RlmeshConfig, plan: RunPlan) -> bool:
+    """Join cluster.address, or start a local Ray on 127.0.0.1 sized for the roles. True if we started it."""
+    if ray.is_initialized():
+        return False
+    cluster = cfg.cluster
+    if cluster.address:
+        ray.init(address=cluster.address, log_to_driver=True)
+        return True
+    cpus = math.ceil(cluster.num_cpus or sum(r.get("CPU", 0.0) for r in plan.resources.values()) + 1)
+    gpus = cluster.num_gpus if cluster.num_gpus is not None else (cfg.trainer.n_gpus if plan.device == "cuda" else 0)
+    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(
+        num_cpus=cpus,
+        num_gpus=gpus,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},  # user role classes in the working dir import in workers
+    )
+    return True
+
+
+def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, meshes: list[ActorMesh[Any]]) -> Roles:
+    """One mesh per role, started concurrently. Any importable class can play a role through its `_target_`."""
+    roles, seed, device = cfg.roles, cfg.trainer.seed, plan.device
+    actor, critic, rollout, reward = roles.trainer, roles.critic, roles.rollout, roles.reward
+    optimizer_steps = actor.ppo_epochs * (cfg.data.train_batch_size // actor.ppo_mini_batch_size)
+    critic_steps = critic.ppo_epochs * (cfg.data.train_batch_size // critic.ppo_mini_batch_size)
+    timeout = cluster_timeout = cfg.cluster.placement_timeout_s
+    restart_hooks: list[Any] = []
+
+    def on_rollout_restart(mesh: ActorMesh[Any], positions: list[int]) -> None:
+        for hook in restart_hooks:  # the weight sync, once built, brings new engines up to date first
+            hook(mesh, positions)
+
+    specs: dict[str, tuple[type, dict[str, Any], dict[str, Any]]] = {
+        "trainer": (
+            get_class(actor._target_),
+            {"shape": {"dp": actor.dp_size}, "resources": actor.resources_per_device},
+            dict(
+                config=actor,
+                rollout_n=rollout.n,
+                total_training_steps=total_steps * optimizer_steps,
+                seed=seed,
+                device=device,
+            ),
+        ),
+        "rollout": (
+            get_class(rollout._target_),
+            {
+                "shape": {"dp": rollout.num_engines},
+                "resources": rollout.resources_per_engine,
+                "distributed_env": False,
+                "max_in_flight_per_actor": rollout.max_concurrent_requests_per_engine,
+                "on_restart": on_rollout_restart,
+                "auto_restart": True,
+            },
+            dict(config=rollout, model=actor.model, seed=seed, device=device),
+        ),
+        "reward": (
+            get_class(reward._target_),
+            {"shape": {"dp": reward.num_actors}, "resources": reward.resources_per_actor, "distributed_env": False},
+            dict(config=reward, tokenizer_path=actor.model.path, max_response_length=rollout.sampling.max_tokens),
+        ),
+    }
+    if plan.use_reference:
+        ref = roles.reference
+        specs["reference"] = (
+            get_class(ref._target_),
+            {"shape": {"dp": ref.dp_size}, "resources": ref.resources_per_device, "distributed_env": False},
+            dict(config=ref, model=actor.model, device=device),
+        )
+    if plan.use_critic:
+        specs["critic"] = (
+            get_class(critic._target_),
+            {"shape": {"dp": critic.dp_size}, "resources": critic.resources_per_device},
+            dict(
+                config=critic,
+                rollout_n=rollout.n,
+                total_training_steps=total_steps * critic_steps,
+                seed=seed,
+                device=device,
+            ),
+        )
+
+    def start(name: str) -> ActorMesh[Any]:
+        cls, mesh_options, kwargs = specs[name]
+        return ActorMesh(cls, kwargs=kwargs, name=name, placement_timeout_s=cluster_timeout, **mesh_options)
+
+    with ThreadPoolExecutor(len(specs)) as pool:
+        futures = {name: pool.submit(start, name) for name in specs}
+        built: dict[str, ActorMesh[Any]] = {}
+        errors = []
+        for name, future in futures.items():
+            try:
+                built[name] = future.result()
+                meshes.append(built[name])
+            except Exception as err:
+                errors.append(f"{name}: {err}")
+        if errors:
+            raise RuntimeError("role meshes failed to start:\n" + "\n".join(errors))
+
+    weight_sync = make_weight_sync(cfg, built["trainer"], built["rollout"], timeout)
+    restart_hooks.append(weight_sync.on_rollout_restart)
+    return Roles(
+        trainer=built["trainer"],
+        rollout=built["rollout"],
+        reward=built["reward"],
+        reference=built.get("reference"),
+        critic=built.get("critic"),
+        weight_sync=weight_sync,
+    )
+
+
+def make_weight_sync(cfg: RlmeshConfig, trainer: ActorMesh[Any], rollout: ActorMesh[Any], timeout: float) -> Any:
+    from rlmesh.sync import ObjectStoreWeightSync
+
+    transport = cfg.roles.rollout.weight_sync
+    if transport == "auto":
+        transport = "object_store" if cfg.roles.rollout.name == "hf" else ("nccl" if trainer_on_gpu(cfg) else "gloo")
+    if transport == "object_store":
+        return ObjectStoreWeightSync(trainer, rollout, timeout_s=cfg.roles.rollout.sync_timeout_s)
+    from rlmesh.sync.collective_sync import CollectiveWeightSync
+
+    return CollectiveWeightSync(
+        trainer,
+        rollout,
+        transport=transport,
+        bucket_mb=cfg.roles.rollout.sync_bucket_mb,
+        timeout_s=cfg.roles.rollout.sync_timeout_s,
+    )
+
+
+def trainer_on_gpu(cfg: RlmeshConfig) -> bool:
+    return cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and cfg.trainer.n_gpus > 0)
+
+
+if __name__ == "__main__":
+    main()

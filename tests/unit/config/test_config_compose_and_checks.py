@@ -1,0 +1,122 @@
+"""Recipes compose through Hydra, and bad configs fail before any actor starts with key, value and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import rlmesh.train  # noqa: F401 - registers the schema and the rlmesh_asset resolver
+from rlmesh.config import RlmeshConfig
+from rlmesh.config_checks import ConfigError, RunPlan, check_cluster_resources, check_config
+
+REPO = Path(__file__).resolve().parents[3]
+RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
+
+
+def load(*overrides: str) -> RlmeshConfig:
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    typed = OmegaConf.to_object(cfg)
+    assert isinstance(typed, RlmeshConfig)
+    return typed
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path) -> str:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    return str(folder)
+
+
+def test_every_recipe_composes_with_its_own_name():
+    assert {"grpo", "ppo", "rloo", "reinforce_pp", "dapo", "drgrpo", "grpo_gsm8k", "ppo_gsm8k"} <= set(RECIPES)
+    for name in RECIPES:
+        assert load(f"recipe={name}").recipe == name
+
+
+def test_recipes_select_their_algorithms():
+    assert load("recipe=ppo").algorithm.adv_estimator == "gae"
+    assert load("recipe=rloo").algorithm.adv_estimator == "rloo"
+    dapo = load("recipe=dapo")
+    assert dapo.algorithm.dynamic_sampling["enable"] and dapo.roles.trainer.clip_ratio_high == 0.28
+    drgrpo = load("recipe=drgrpo")
+    assert not drgrpo.algorithm.norm_adv_by_std_in_grpo
+    assert drgrpo.roles.trainer.loss_norm_constant == drgrpo.roles.rollout.sampling.max_tokens
+
+
+def test_role_models_follow_the_top_level_model_unless_overridden():
+    cfg = load("model.path=/some/where")
+    assert cfg.roles.trainer.model.path == cfg.roles.critic.model.path == "/some/where"
+    assert load("roles.critic.model.path=/critic").roles.critic.model.path == "/critic"
+
+
+def test_the_embedded_default_validates_on_cpu():
+    plan = check_config(load(), gpus_available=0)
+    assert plan.device == "cpu" and not plan.use_critic and not plan.use_reference
+    assert plan.samples_per_step == 32 * 16
+    assert check_config(load("recipe=ppo"), gpus_available=0).use_critic
+
+
+@pytest.mark.parametrize("recipe", ["grpo_gsm8k", "ppo_gsm8k"])
+def test_gsm8k_recipes_validate_with_local_data(recipe: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the hub model would be downloaded at start
+    train, test = tmp_path / "train.parquet", tmp_path / "test.parquet"
+    train.write_bytes(b"x")
+    test.write_bytes(b"x")
+    cfg = load(f"recipe={recipe}", f"data.train_files=[{train}]", f"data.val_files=[{test}]")
+    assert cfg.model.path == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.roles.rollout.name == "vllm"
+    plan = check_config(cfg, gpus_available=8)
+    assert plan.device == "cuda"
+    with pytest.raises(ConfigError, match=r"trainer.n_gpus=.*this machine has 0 GPU"):
+        check_config(cfg, gpus_available=0)
+
+
+def problems(*overrides: str, model: str | None = None) -> str:
+    cfg = load(*overrides)
+    if model is not None:
+        cfg.model.path = cfg.roles.trainer.model.path = model
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg, gpus_available=0)
+    return str(info.value)
+
+
+def test_batch_sizes_must_divide_and_the_message_says_how(tiny_model):
+    text = problems("roles.trainer.ppo_mini_batch_size=5")
+    assert "roles.trainer.ppo_mini_batch_size=5" in text and "divide data.train_batch_size=32" in text
+    text = problems("roles.trainer.dp_size=3")
+    assert "roles.trainer.dp_size=3" in text and "512 samples" in text
+    text = problems("roles.trainer.ppo_micro_batch_size_per_device=7")
+    assert "ppo_micro_batch_size_per_device=7" in text and "use_dynamic_bsz=true" in text
+
+
+def test_incompatible_options_are_named():
+    assert "adv_estimator=gae needs a critic" in problems("algorithm.adv_estimator=gae", "roles.critic.enable=false")
+    assert "roles.rollout.n=1" in problems("roles.rollout.n=1")
+    assert "counts it twice" in problems("roles.trainer.use_kl_loss=true", "algorithm.use_kl_in_reward=true")
+    assert "unknown estimator" in problems("algorithm.adv_estimator=magic")
+    assert "unknown policy loss" in problems("roles.trainer.policy_loss=nope")
+
+
+def test_missing_model_and_data_paths_are_named(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = problems(model="/no/such/model")
+    assert "model.path='/no/such/model'" in text and "not a local model folder" in text
+    assert "not a local model folder" in problems(model="someorg/not-cached-model")
+    text = problems("data.task=null", "data.train_files=[/no/such.parquet]")
+    assert "data.train_files='/no/such.parquet': file not found" in text
+
+
+def test_schema_type_errors_name_the_key():
+    with pytest.raises(Exception, match="ppo_epochs"):
+        load("roles.trainer.ppo_epochs=lots")
+
+
+def test_cluster_resource_shortage_is_reported_per_role():
+    plan = RunPlan("cpu", False, False, {"trainer": {"CPU": 4.0}, "rollout": {"CPU": 2.0, "GPU": 1.0}}, 8)
+    check_cluster_resources(plan, {"CPU": 6.0, "GPU": 1.0})
+    with pytest.raises(ConfigError, match=r"GPU: need 1, cluster has 0.*rollout"):
+        check_cluster_resources(plan, {"CPU": 8.0})
