@@ -1,0 +1,1 @@
+"""Model builders owned by rlmesh: the tiny character-level Qwen2 of the embedded default recipe."""
