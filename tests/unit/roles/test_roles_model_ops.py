@@ -1,0 +1,192 @@
+"""Shared model helpers: response log-probs, entropy and values against hand loops, micro-batching, LR schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rlmesh.config import ModelConfig, OptimConfig
+from rlmesh.data.batch import Batch
+from rlmesh.roles.model_ops import (
+    build_optimizer,
+    build_scheduler,
+    compute_dtype,
+    hf_name,
+    load_value_model,
+    micro_batches,
+    response_logprobs,
+    response_values,
+)
+from tests.integration.roles_fixtures import rollout_batch, save_tiny_policy
+
+
+@pytest.fixture(scope="module")
+def policy_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return save_tiny_policy(tmp_path_factory.mktemp("policy"))
+
+
+@pytest.fixture(scope="module")
+def policy(policy_path: str) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).eval()
+
+
+def real_tokens(batch: Batch, row: int) -> tuple[list[int], list[int]]:
+    """(prompt, response) token ids of one row without any padding."""
+    prompt = batch["prompt_ids"][row][batch["attention_mask"][row, : batch["prompt_ids"].shape[1]].bool()]
+    response = batch["response_ids"][row][batch["response_mask"][row].bool()]
+    return prompt.tolist(), response.tolist()
+
+
+def hand_scores(model: torch.nn.Module, prompt: list[int], response: list[int], temperature: float) -> list:
+    """For one unpadded sequence, token by token: (log p(response[t]), entropy) from log_softmax(logits / temp)."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + response])).logits[0]
+    scores = []
+    for t, token in enumerate(response):
+        log_probs = torch.log_softmax(logits[len(prompt) - 1 + t].double() / temperature, dim=-1)
+        scores.append((log_probs[token].item(), -(log_probs.exp() * log_probs).sum().item()))
+    return scores
+
+
+def test_response_logprobs_and_entropy_equal_a_token_by_token_loop(policy: torch.nn.Module) -> None:
+    batch = rollout_batch(6, seed=1, temperature=0.7)
+    with torch.no_grad():
+        logprobs, entropy = response_logprobs(policy, batch, temperature=0.7, with_entropy=True)
+    assert entropy is not None
+    assert logprobs.shape == entropy.shape == batch["response_mask"].shape
+    assert logprobs.dtype == torch.float32
+    checked = 0
+    for row in range(len(batch)):
+        prompt, response = real_tokens(batch, row)
+        for t, (expected_logprob, expected_entropy) in enumerate(hand_scores(policy, prompt, response, 0.7)):
+            assert logprobs[row, t].item() == pytest.approx(expected_logprob, abs=1e-5)
+            assert entropy[row, t].item() == pytest.approx(expected_entropy, abs=1e-5)
+            checked += 1
+    assert checked == int(batch["response_mask"].sum()) > 10
+
+
+def test_temperature_divides_the_logits(policy: torch.nn.Module) -> None:
+    batch = rollout_batch(4, seed=2)
+    with torch.no_grad():
+        at_one, _ = response_logprobs(policy, batch)
+        at_half, _ = response_logprobs(policy, batch, temperature=0.5)
+    valid = batch["response_mask"].bool()
+    assert not torch.allclose(at_one[valid], at_half[valid])
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        response_logprobs(policy, batch, temperature=0.0)
+
+
+def test_extra_padding_never_changes_per_token_results(policy: torch.nn.Module) -> None:
+    batch = rollout_batch(5, seed=3)
+    rows = [real_tokens(batch, row) for row in range(len(batch))]
+    prompt_width, width = batch["prompt_ids"].shape[1], batch["response_ids"].shape[1]
+    padded = Batch.from_generations(
+        [p for p, _ in rows],
+        [r for _, r in rows],
+        pad_token_id=0,
+        prompt_length=prompt_width + 3,
+        response_length=width + 4,
+    )
+    with torch.no_grad():
+        tight, tight_entropy = response_logprobs(policy, batch, with_entropy=True)
+        loose, loose_entropy = response_logprobs(policy, padded, with_entropy=True)
+        alone = [response_logprobs(policy, batch[row])[0] for row in range(len(batch))]
+    assert tight_entropy is not None and loose_entropy is not None
+    valid = batch["response_mask"].bool()
+    torch.testing.assert_close(loose[:, :width][valid], tight[valid], rtol=0, atol=2e-6)
+    torch.testing.assert_close(loose_entropy[:, :width][valid], tight_entropy[valid], rtol=0, atol=2e-6)
+    torch.testing.assert_close(torch.cat(alone)[valid], tight[valid], rtol=0, atol=2e-6)
+
+
+def test_values_are_the_head_output_at_the_position_before_each_response_token(policy_path: str) -> None:
+    torch.manual_seed(0)
+    critic = load_value_model(ModelConfig(path=policy_path), "cpu").eval()
+    assert critic.dropout.p == 0.0  # a value must not depend on dropout, in train mode either
+    batch = rollout_batch(5, seed=4)
+    with torch.no_grad():
+        values = response_values(critic, batch)
+    assert values.shape == batch["response_mask"].shape
+    for row in range(len(batch)):
+        prompt, response = real_tokens(batch, row)
+        with torch.no_grad():
+            head = critic(input_ids=torch.tensor([prompt + response])).logits[0, :, 0]
+        expected = head[len(prompt) - 1 : len(prompt) - 1 + len(response)]
+        torch.testing.assert_close(values[row, : len(response)], expected, rtol=0, atol=2e-6)
+
+
+def test_micro_batches_by_count_cover_every_row_once_and_gather_in_order() -> None:
+    batch = rollout_batch(7, seed=5)
+    parts = micro_batches(batch, 3)
+    assert [len(part) for part in parts] == [3, 2, 2]
+    results = [Batch({"row": part["input_ids"][:, -1:]}) for part in parts]
+    torch.testing.assert_close(parts.gather(results)["row"], batch["input_ids"][:, -1:])
+
+
+def test_micro_batches_by_token_budget_fit_the_budget() -> None:
+    batch = rollout_batch(9, seed=6)
+    lengths = batch.sequence_lengths()
+    budget = int(lengths.max()) + 3
+    parts = micro_batches(batch, 1, token_budget=budget)
+    assert all(int(part.sequence_lengths().sum()) <= budget for part in parts)
+    assert sorted(torch.cat(parts.indices).tolist()) == list(range(len(batch)))
+    assert len(parts) < len(batch)  # the budget packs several rows together, not one per part
+    assert math.ceil(int(lengths.sum()) / budget) <= len(parts)
+    with pytest.raises(ValueError, match="raise ppo_max_token_len_per_device to at least"):
+        micro_batches(batch, 1, token_budget=int(lengths.max()) - 1)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_scheduler_warms_up_then_decays_to_the_floor_and_stays(kind: str) -> None:
+    optim = OptimConfig(lr=1.0, lr_warmup_steps=2, lr_scheduler=kind, min_lr_ratio=0.1)
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], optim)
+    scheduler = build_scheduler(optimizer, optim, total_steps=12)
+    lrs = []
+    for _ in range(16):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(1.0)  # linear warmup over 2 steps
+    assert lrs[7] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the 10 decay steps, either shape
+    assert lrs[5] > lrs[7] > lrs[9]
+    if kind == "linear":
+        assert lrs[4] - lrs[5] == pytest.approx(lrs[8] - lrs[9])
+    assert lrs[12:] == pytest.approx([0.1] * 4)
+
+
+def test_constant_scheduler_warms_up_then_holds() -> None:
+    optim = OptimConfig(lr=2.0, lr_warmup_steps=2)
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], optim)
+    scheduler = build_scheduler(optimizer, optim, total_steps=-1)
+    lrs = []
+    for _ in range(5):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.0, 1.0, 2.0, 2.0, 2.0])
+
+
+def test_a_decaying_schedule_needs_a_total() -> None:
+    optim = OptimConfig(lr_scheduler="cosine", lr_warmup_steps=5)
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], optim)
+    with pytest.raises(ValueError, match=r"optim\.total_training_steps"):
+        build_scheduler(optimizer, optim, total_steps=-1)
+    with pytest.raises(ValueError, match="lr_scheduler='step' is unknown"):
+        build_scheduler(optimizer, OptimConfig(lr_scheduler="step"), total_steps=10)
+
+
+def test_dtype_auto_is_bfloat16_on_cuda_and_float32_on_cpu() -> None:
+    assert compute_dtype("auto", "cpu") == torch.float32
+    assert compute_dtype("auto", "cuda") == torch.bfloat16
+    assert compute_dtype("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match=r"model\.dtype='fp8'"):
+        compute_dtype("fp8", "cpu")
+
+
+def test_hf_name_strips_wrapper_prefixes() -> None:
+    assert hf_name("module.model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
+    assert hf_name("_orig_mod.model.embed_tokens.weight") == "model.embed_tokens.weight"
+    assert hf_name("model.layers.1._checkpoint_wrapped_module.mlp.weight") == "model.layers.1.mlp.weight"
+    assert hf_name("lm_head.weight") == "lm_head.weight"
