@@ -17,7 +17,7 @@ from rlmesh.data import Batch, PromptLoader, PromptRow
 from rlmesh.mesh import ActorMesh, MeshFuture, wait_all
 from rlmesh.metrics import data_metrics, reward_metrics, throughput_metrics, validation_metrics
 from rlmesh.roles.rollout.base import Sample, sampling_seed
-from rlmesh.tracking import ProgressBar, Tracker, reduce_metrics, timed
+from rlmesh.tracking import ProgressBar, Tracker, timed
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,11 @@ class RLLoop:
             batch, kl_metrics = self.compute_advantages(batch)
         # 4. critic and policy updates, issued together
         issued = time.perf_counter()
-        per_rank = list  # keep each rank's metrics dict; reduce_metrics averages them
-        critic_update = roles.critic.update.options(collect=per_rank).shard(batch) if roles.critic else None
-        actor_update = roles.trainer.update.options(collect=per_rank).shard(batch)
+        critic_update = roles.critic.update.shard(batch) if roles.critic else None
+        actor_update = roles.trainer.update.shard(batch)  # the roles reduce their metrics over ranks
         if critic_update is not None:
-            metrics |= reduce_metrics(self.wait_timed(critic_update, "update_critic", issued, metrics))
-        metrics |= reduce_metrics(self.wait_timed(actor_update, "update_actor", issued, metrics))
+            metrics |= self.wait_timed(critic_update, "update_critic", issued, metrics)
+        metrics |= self.wait_timed(actor_update, "update_actor", issued, metrics)
         # 5. the rollout engines get the new weights
         with timed(metrics, "update_weights"):
             metrics |= roles.weight_sync.push(version=step)
@@ -111,30 +110,33 @@ class RLLoop:
         dynamic = self.cfg.algorithm.dynamic_sampling
         if not dynamic["enable"]:
             return batch
-        wanted, kept, draws = len(prompts), [], 0
+        wanted, kept, flat, draws = len(prompts) * self.n, [], [], 0
         while True:
             draws += 1
             with timed(metrics, "reward"):
                 batch = merge(batch, self.roles.reward.score.shard(batch).result())
-            kept.append(batch[varied_groups(batch, self.n)])
-            if sum(len(b) for b in kept) >= wanted * self.n or draws >= dynamic["max_num_gen_batches"]:
+            varied = varied_groups(batch, self.n)
+            kept.append(batch[varied])
+            flat.append(batch[~varied])
+            if sum(len(b) for b in kept) >= wanted or draws >= dynamic["max_num_gen_batches"]:
                 break
             with timed(metrics, "gen"):
                 batch = self.generate(self.train_prompts.next_batch(), self.n, self.cfg.roles.rollout.sampling, step)
         result = Batch.concat(kept)
         metrics["dynamic_sampling/gen_batches"] = float(draws)
-        metrics["dynamic_sampling/kept_groups"] = float(len(result) // self.n)
-        if len(result) < wanted * self.n:
-            log.warning("dynamic sampling kept %d of %d groups after %d batches", len(result) // self.n, wanted, draws)
-            result = result[: (len(result) // self.n) * self.n]
-        return result[: wanted * self.n]
+        metrics["dynamic_sampling/kept_groups"] = float(min(len(result), wanted) // self.n)
+        if len(result) < wanted:
+            # The step's size is fixed (mini-batches must divide it): top up with flat groups, whose advantages are 0.
+            log.warning(
+                "dynamic sampling kept %d of %d groups after %d batches", len(result) // self.n, wanted // self.n, draws
+            )
+            result = Batch.concat([result, *flat])
+        return result[:wanted]
 
     def generate(self, prompts: list[PromptRow], n: int, sampling: SamplingConfig, step: int) -> Batch:
         """One routed request per prompt; the engines batch them continuously. Token ids in, token ids out."""
-        seeds = [
-            sampling.seed if sampling.seed is not None else sampling_seed(self.cfg.trainer.seed, step, p["index"])
-            for p in prompts
-        ]
+        base = sampling.seed if sampling.seed is not None else self.cfg.trainer.seed
+        seeds = [sampling_seed(base, step, p["index"]) for p in prompts]
         futures = [
             self.roles.rollout.generate.choose(p["prompt_ids"], n, sampling, seed)
             for p, seed in zip(prompts, seeds, strict=True)
@@ -279,7 +281,6 @@ def merge(batch: Batch, extra: Batch) -> Batch:
 
 
 def varied_groups(batch: Batch, n: int) -> torch.Tensor:
-    """Row indices of the groups whose n sequence scores are not all equal."""
+    """A row mask: True for the rows of groups whose n sequence scores are not all equal."""
     scores = batch["token_level_scores"].sum(-1).view(-1, n)
-    keep = scores.std(dim=1, unbiased=False) > 0
-    return torch.arange(len(batch)).view(-1, n)[keep].reshape(-1)
+    return (scores.std(dim=1, unbiased=False) > 0).repeat_interleave(n)

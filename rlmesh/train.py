@@ -5,6 +5,7 @@ python -m rlmesh.train recipe=grpo [dotted.overrides ...]
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -186,6 +187,8 @@ def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, meshes: list
 
     def start(name: str) -> ActorMesh[Any]:
         cls, mesh_options, kwargs = specs[name]
+        if "device" in inspect.signature(cls).parameters:  # e.g. a reward model; rule scorers need no device
+            kwargs = {"device": device, **kwargs}
         return ActorMesh(cls, kwargs=kwargs, name=name, placement_timeout_s=cluster_timeout, **mesh_options)
 
     with ThreadPoolExecutor(len(specs)) as pool:

@@ -507,11 +507,9 @@ class ActorMesh(Generic[T]):
             for pos in replicas[shard]:
                 refs.append(table.method(spec.name, pos).remote(*a, **k))
                 owners.append(pos)
-        if spec.collect is not None:
-            collect = spec.collect
-        else:
-            assert plan is not None or spec.dispatch is not None
-            collect = (lambda results: concat(unpad(results, plan))) if plan is not None else concat
+        gather = spec.collect or concat
+        # Padding rows come from the default dispatch, so they are dropped before any collect sees the results.
+        collect = gather if plan is None else (lambda results: gather(unpad(results, plan)))
         return GatheredFuture(refs, collect, lambda i: self._describe_position(owners[i]), spec.name, primary)
 
     def _call_routed(

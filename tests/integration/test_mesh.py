@@ -84,6 +84,8 @@ def test_shard_with_custom_dispatch_and_collect_per_call(grid):
     assert sizes == 7
     per_shard = grid.length.options(dispatch=by_parity, collect=lambda r: r).shard(list(range(7))).result()
     assert per_shard == [4, 3]
+    # a custom collect alone still gets the default dispatch's padding removed first
+    assert grid.double.options(collect=lambda r: r).shard([1, 2, 3]).result() == [[2, 4], [6]]
 
 
 def test_several_shards_on_different_meshes_wait_together(grid):
