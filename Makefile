@@ -8,7 +8,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup_env.sh
 	bash scripts/setup_env.sh
 
 run: $(VENV)/.installed
-	$(PY) scripts/mesh_demo.py
+	$(PY) -m rlmesh.train recipe=grpo
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -127,6 +127,8 @@ class RolloutConfig:
     max_num_seqs: int = 256
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
+    kv_cache_memory_gb: float | None = None  # explicit KV cache size; overrides gpu_memory_utilization, starts faster
+    enable_sleep_mode: bool = False  # GPU: lets a colocated engine sleep (free its KV cache) while the trainer runs
     dtype: str = "auto"
     generation_batch_size: int = 64  # HF backend: sequences per generate() call
     max_concurrent_requests_per_engine: int | None = None  # mesh in-flight cap (pull-style dispatch)
@@ -177,6 +179,9 @@ class AlgorithmConfig:
     gamma: float = 1.0
     lam: float = 1.0
     norm_adv_by_std_in_grpo: bool = True  # false = Dr.GRPO
+    # false: the rollout's own log-probs serve as the behaviour policy's (no extra forward pass). Exact when the
+    # engine computes like the trainer (fp32 HF here: max difference 7e-7); with bf16 engines keep recomputing.
+    recompute_old_logprobs: bool = True
     use_kl_in_reward: bool = False
     kl_penalty: str = "kl"  # k1/kl | k2/mse | k3/low_var_kl | abs
     kl_ctrl: KLControlConfig = field(default_factory=KLControlConfig)

@@ -71,12 +71,16 @@ class RLLoop:
         pending = {
             "reward": None if "token_level_scores" in batch else roles.reward.score.shard(batch),
             "ref": roles.reference.compute_ref_logprobs.shard(batch) if roles.reference else None,
-            "old_log_prob": roles.trainer.compute_logprobs.shard(batch),
+            "old_log_prob": roles.trainer.compute_logprobs.shard(batch)
+            if cfg.algorithm.recompute_old_logprobs
+            else None,
             "values": roles.critic.compute_values.shard(batch) if roles.critic else None,
         }
         for name, future in pending.items():
             if future is not None:
                 batch = merge(batch, self.wait_timed(future, name, issued, metrics))
+        if not cfg.algorithm.recompute_old_logprobs:
+            batch["old_logprobs"] = batch["rollout_logprobs"]
         # 3. advantages, on the controller
         with timed(metrics, "adv"):
             batch, kl_metrics = self.compute_advantages(batch)
