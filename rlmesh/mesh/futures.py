@@ -178,11 +178,27 @@ class RoutedFuture(MeshFuture[R]):
 def wait_all(futures: Sequence[MeshFuture[Any]], timeout: float | None = None) -> list[Any]:
     """Block until every future is done and return their results in order; the timeout covers all of them."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    _prefetch_routed(futures, timeout)
     out = []
     for fut in futures:
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         out.append(fut.result(remaining))
     return out
+
+
+def _prefetch_routed(futures: Sequence[MeshFuture[Any]], timeout: float | None) -> None:
+    """Fetch the values of issued routed calls with one ray.get instead of one per future (3,000 routed calls:
+    one call into Ray instead of 3,000). Any failure is left for the per-future path, which retries."""
+    issued = [f for f in futures if isinstance(f, RoutedFuture) and f._value is _UNSET and f._attempt.done()]
+    issued = [f for f in issued if f._attempt.exception() is None]
+    if len(issued) < 2:
+        return
+    try:
+        values = ray.get([f._attempt.result() for f in issued], timeout=timeout)
+    except Exception:
+        return
+    for fut, value in zip(issued, values, strict=True):
+        fut._value = value
 
 
 class _Unset:
