@@ -502,6 +502,18 @@ class TrainEngine:
                 tensor = tensor.full_tensor()
             yield name, tensor
 
+    def full_weight_specs(self, dtype: torch.dtype | None = None) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(HF name, dtype, full shape) of what iter_full_weights yields, in its order, from metadata only: a DTensor
+        reports its global shape, so no rank gathers anything."""
+        specs = []
+        for name, tensor in self.model.state_dict().items():
+            name = hf_name(name)
+            if name not in self.aliases:
+                specs.append(
+                    (name, str(dtype or tensor.dtype).removeprefix("torch."), tuple(int(d) for d in tensor.shape))
+                )
+        return specs
+
     def full_state_dict(self, rank: int) -> dict[str, Tensor] | None:
         """The full float32 weights on CPU, HF names: a dict on rank 0, None elsewhere (all ranks must call)."""
         if self.strategy != "fsdp2" and rank != 0:

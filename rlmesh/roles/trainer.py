@@ -32,6 +32,8 @@ from rlmesh.roles.model_ops import (
     seed_everything,
     set_rng_state,
 )
+from rlmesh.sync.manifest import SyncPlan
+from rlmesh.sync.sender import member_group, send_weights
 
 SCORE_FIELDS = ["input_ids", "attention_mask", "position_ids", "response_mask"]
 UPDATE_FIELDS = [*SCORE_FIELDS, "old_logprobs", "advantages"]
@@ -197,6 +199,17 @@ class PolicyTrainer:
             return None  # nothing to gather: rank 0 holds the full weights itself
         weights = {name: tensor.to("cpu", copy=True) for name, tensor in self.iter_full_weights()}
         return weights if self.rank == 0 else None
+
+    @endpoint
+    def weight_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(HF name, dtype, shape) of every tensor push_weights sends, in order: the sync plan is built from it."""
+        return self.engine.full_weight_specs(self.engine.dtype)
+
+    @endpoint
+    def push_weights(self, group_name: str, plan: SyncPlan, version: int) -> dict[str, float]:
+        """One bucketed sync to the rollout engines: every rank iterates its full weights in lockstep (FSDP2 gathers
+        are collective), rank 0 sends them over the weight-sync group."""
+        return send_weights(self.iter_full_weights(), plan, member_group(group_name), version=version)
 
     # ------------------------------------------------------------------------------------------ checkpoints
 

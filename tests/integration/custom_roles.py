@@ -36,7 +36,9 @@ class EchoRollout:
         self.version = 0
 
     @endpoint
-    async def generate(self, prompt_ids: list[int], n: int, sampling: Any = None, seed: int | None = None) -> list[Sample]:
+    async def generate(
+        self, prompt_ids: list[int], n: int, sampling: Any = None, seed: int | None = None
+    ) -> list[Sample]:
         response = list(prompt_ids[-2:])
         return [Sample(list(prompt_ids), response, [-0.5] * len(response), self.version) for _ in range(n)]
 

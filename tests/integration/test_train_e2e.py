@@ -46,8 +46,16 @@ def test_grpo_steps_update_the_policy_and_write_everything(tmp_path: Path):
     history = run(config(tmp_path, "trainer.total_steps=3", "trainer.test_freq=3", "trainer.save_freq=3"))
     assert len(history) == 3
     for metrics in history:
-        for key in ("actor/pg_loss", "actor/grad_norm", "critic/score/mean", "response_length/mean",
-                    "timing_s/gen", "timing_s/update_actor", "timing_s/update_weights", "perf/throughput"):
+        for key in (
+            "actor/pg_loss",
+            "actor/grad_norm",
+            "critic/score/mean",
+            "response_length/mean",
+            "timing_s/gen",
+            "timing_s/update_actor",
+            "timing_s/update_weights",
+            "perf/throughput",
+        ):
             assert key in metrics and math.isfinite(metrics[key]), key
     assert any(m["actor/grad_norm"] > 0 for m in history)
     assert "val-core/arithmetic/acc/mean@1" in history[-1]
@@ -65,9 +73,18 @@ def test_grpo_steps_update_the_policy_and_write_everything(tmp_path: Path):
 
 
 def test_ppo_steps_train_a_critic(tmp_path: Path):
-    history = run(config(tmp_path, "recipe=ppo", "roles.critic.ppo_mini_batch_size=4",
-                         "roles.critic.ppo_micro_batch_size_per_device=8", "roles.critic.resources_per_device={CPU: 0.5}",
-                         "trainer.total_steps=2", "trainer.test_freq=-1", "trainer.save_freq=0"))
+    history = run(
+        config(
+            tmp_path,
+            "recipe=ppo",
+            "roles.critic.ppo_mini_batch_size=4",
+            "roles.critic.ppo_micro_batch_size_per_device=8",
+            "roles.critic.resources_per_device={CPU: 0.5}",
+            "trainer.total_steps=2",
+            "trainer.test_freq=-1",
+            "trainer.save_freq=0",
+        )
+    )
     for metrics in history:
         for key in ("critic/vf_loss", "critic/values/mean", "critic/returns/mean", "actor/pg_loss"):
             assert math.isfinite(metrics[key]), key
@@ -87,11 +104,15 @@ def test_resumed_run_reproduces_an_uninterrupted_one(tmp_path: Path):
 
 
 def test_user_defined_reward_and_rollout_classes_plug_in_by_target(tmp_path: Path):
-    history = run(config(
-        tmp_path,
-        "roles.reward._target_=tests.integration.custom_roles.HalfReward",
-        "roles.rollout._target_=tests.integration.custom_roles.EchoRollout",
-        "trainer.total_steps=1", "trainer.test_freq=-1", "trainer.save_freq=0",
-    ))
+    history = run(
+        config(
+            tmp_path,
+            "roles.reward._target_=tests.integration.custom_roles.HalfReward",
+            "roles.rollout._target_=tests.integration.custom_roles.EchoRollout",
+            "trainer.total_steps=1",
+            "trainer.test_freq=-1",
+            "trainer.save_freq=0",
+        )
+    )
     assert history[0]["critic/score/mean"] == 0.5  # the user's reward scored it
     assert history[0]["response_length/mean"] == 2.0  # the user's rollout generated it

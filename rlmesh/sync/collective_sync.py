@@ -1,0 +1,324 @@
+"""The controller's weight sync: trainer rank 0 to every vLLM worker over one collective group, with deadlines."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from rlmesh.mesh import ActorMesh
+from rlmesh.sync.manifest import SyncPlan
+from rlmesh.sync.transports import WeightSyncError, process_group_backend
+
+log = logging.getLogger(__name__)
+
+# Members reach the store and then wait for the rest up to the timeout; allow this much past it for the replies.
+_REPLY_MARGIN_S = 10.0
+# Every wait inside a sync has the group's timeout, so a failure surfaces within it; the controller's backstop for a
+# whole sync (a member that never answers at all) also allows the bytes time to move at this floor, far below any
+# link measured (gloo on loopback moved 2.8-5.6 GB/s here), so a large model's sync is never cut short.
+_SLOWEST_BYTES_PER_S = 50e6
+
+
+def resolve_transport(name: str, device: str, colocated: bool = False) -> str:
+    """`auto`: cuda_ipc when trainer and engine share a GPU, nccl on GPUs, gloo on CPU; other names pass through."""
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        return "cuda_ipc" if colocated else "nccl"
+    return "gloo"
+
+
+@dataclass
+class _Group:
+    name: str
+    positions: list[int]  # rollout positions whose workers are members, in rank order after the sender
+    world_size: int
+
+
+class CollectiveWeightSync:
+    """Pushes the trainer's weights to every rollout engine: trainer rank 0 sends, every engine worker receives.
+
+    The trainer mesh must expose two endpoints (rank 0 answers the first; all ranks run the second in lockstep):
+        weight_specs() -> list[(name, dtype, shape)]                 what iter_full_weights() yields, in its order
+        push_weights(group_name: str, plan: SyncPlan, version: int) -> dict[str, float]
+            = send_weights(self.iter_full_weights(), plan, member_group(group_name), version=version)
+    The rollout mesh is VLLMRollout (engine_info, join_weight_group, receive_weights, leave_weight_group).
+
+    Every wait has a deadline. A failed sync raises WeightSyncError naming the members that failed or did not
+    finish, tears the group down, and the next push forms a new one.
+    """
+
+    def __init__(
+        self,
+        trainer: ActorMesh[Any],
+        rollout: ActorMesh[Any],
+        *,
+        transport: str = "gloo",
+        bucket_mb: float = 256,
+        timeout_s: float = 120.0,
+        name: str = "weights",
+        wire_dtype: str | None = "engine",
+        specs_endpoint: str = "weight_specs",
+        send_endpoint: str = "push_weights",
+    ) -> None:
+        """wire_dtype: 'engine' casts floating tensors to the engine's dtype on the sender (fewer bytes when the
+        trainer keeps float32 and the engine serves bfloat16); None sends each tensor in its own dtype."""
+        if transport not in ("gloo", "nccl", "cuda_ipc"):
+            raise ValueError(f"weight-sync transport {transport!r} is unknown; use gloo, nccl or cuda_ipc")
+        for endpoint_name in (specs_endpoint, send_endpoint):
+            if not hasattr(trainer, endpoint_name):
+                raise WeightSyncError(
+                    f"trainer mesh '{trainer.name}' has no endpoint {endpoint_name!r}, which the {transport} weight "
+                    "sync calls (see CollectiveWeightSync); add it, or set rollout.weight_sync=object_store"
+                )
+        self.trainer, self.rollout = trainer, rollout
+        self.transport = transport
+        self.bucket_bytes = int(bucket_mb * (1 << 20))
+        self.timeout_s = float(timeout_s)
+        self.name = name
+        self.wire_dtype = wire_dtype
+        self.specs_endpoint, self.send_endpoint = specs_endpoint, send_endpoint
+        self.plan: SyncPlan | None = None
+        self.version: int | None = None  # the version every live engine serves, after the last successful push
+        self._held: int | None = None  # the version of the last push attempted: what the trainer holds now
+        self._dirty = False  # a push failed: engines may hold a mix, so the next push must reach all of them
+        self._workers: dict[int, int] = {}  # rollout position -> workers in its engine
+        self._group: _Group | None = None
+        self._counter = itertools.count()
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def setup(self) -> None:
+        """Plan the sync from the trainer's tensor specs and the engines' settings, and form the group (which
+        hands every engine worker the plan)."""
+        with self._lock:
+            deadline = self.timeout_s + _REPLY_MARGIN_S
+            rank0 = self.trainer.actors[0]
+            specs = ray.get(getattr(rank0, self.specs_endpoint).remote(), timeout=deadline)
+            infos = self.rollout.engine_info.all().result(timeout=deadline)
+            dtypes = {info["dtype"] for info in infos}
+            ties = {info["tie_word_embeddings"] for info in infos}
+            if len(dtypes) > 1 or len(ties) > 1:
+                raise WeightSyncError(f"the rollout engines disagree on dtype {dtypes} or tied embeddings {ties}")
+            wire = dtypes.pop() if self.wire_dtype == "engine" else self.wire_dtype
+            self.plan = SyncPlan.build(
+                specs,
+                bucket_bytes=self.bucket_bytes,
+                transport=self.transport,
+                tie_word_embeddings=ties.pop(),
+                wire_dtype=wire,
+            )
+            self._workers = {pos: len(info["workers"]) for pos, info in enumerate(infos)}
+            log.info(
+                "weight sync planned: %d tensors, %.1f MB in %d buckets over %s",
+                len(self.plan.slots),
+                self.plan.total_bytes / 1e6,
+                self.plan.num_buckets,
+                self.transport,
+            )
+            self._group = self._form(list(range(self.rollout.size)))
+
+    def push(self, version: int) -> dict[str, float]:
+        """Send the trainer's current weights to every engine as `version`; returns timing and size metrics."""
+        with self._lock:
+            if self.plan is None:
+                self.setup()
+            if self._group is None:
+                self._group = self._form(list(range(self.rollout.size)))
+            self._held = version
+            self._dirty = True
+            metrics = self._push(self._group, version)
+            self.version, self._dirty = version, False
+            return metrics
+
+    def on_rollout_restart(self, rollout: ActorMesh[Any], positions: Sequence[int]) -> None:
+        """Give replaced engines the trainer's weights before they take requests, and form the group again over
+        all engines (the old one lost a member).
+
+        Has the rollout mesh's on_restart hook signature (`rollout` is the mesh this sync was built with). Call it
+        from that hook, which runs before restarted actors are marked alive, and
+        only while the trainer holds the weights of the last push attempted (during generation, where engines die):
+        those weights are what gets sent. If the last push failed, every engine may hold a mix, so all get them.
+        """
+        with self._lock:
+            if self._group is not None:
+                self._teardown(self._group)
+                self._group = None
+            if self.plan is None:
+                return  # not set up yet: the first push forms the group
+            everyone = list(range(self.rollout.size))
+            if self._held is None:
+                self._group = self._form(everyone)  # nothing pushed yet: engines serve the checkpoint they loaded
+                return
+            if self._dirty:
+                self._group = self._form(everyone)
+                self._push(self._group, self._held)
+                self.version, self._dirty = self._held, False
+                log.info("pushed weight version %d to every engine after a failed sync and a restart", self._held)
+                return
+            replaced = sorted(positions)
+            fresh = self._form(replaced)
+            try:
+                self._push(fresh, self._held)
+            finally:
+                self._teardown(fresh)
+            log.info("pushed weight version %d to restarted engines %s", self._held, replaced)
+            self._group = self._form(everyone)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._group is not None:
+                self._teardown(self._group)
+                self._group = None
+
+    # ------------------------------------------------------------ internals
+
+    def _form(self, positions: list[int]) -> _Group:
+        assert self.plan is not None
+        name = f"{self.name}-{next(self._counter)}"
+        world = 1 + sum(self._workers[pos] for pos in positions)
+        sender = self.trainer.actors[0]
+        backend = process_group_backend(self.transport)
+        try:
+            addr, port = ray.get(sender._rlmesh_open_store.remote(name, world, self.timeout_s), timeout=self.timeout_s)
+        except Exception as err:
+            raise WeightSyncError(
+                f"weight-sync group '{name}': trainer rank 0 could not host the rendezvous store: {err}"
+            ) from err
+        refs: list[Any] = [sender._rlmesh_join_group.remote(name, backend, addr, port, 0, world, self.timeout_s)]
+        who = [f"{self.trainer.name} rank 0 (sender)"]
+        first_rank = 1
+        plan_json = self.plan.to_json()
+        for pos in positions:
+            request = json.dumps(
+                {
+                    "name": name,
+                    "transport": self.transport,
+                    "addr": addr,
+                    "port": port,
+                    "first_rank": first_rank,
+                    "world_size": world,
+                    "timeout_s": self.timeout_s,
+                    "plan": plan_json,
+                }
+            )
+            refs.append(self.rollout[pos].join_weight_group.call_one(request).refs[0])
+            who.append(f"{self.rollout.name} engine {pos} (ranks {first_rank}..{first_rank + self._workers[pos] - 1})")
+            first_rank += self._workers[pos]
+        group = _Group(name, positions, world)
+        problems = _settle(refs, who, self.timeout_s + _REPLY_MARGIN_S)
+        if problems:
+            self._teardown(group)
+            raise WeightSyncError(
+                f"weight-sync group '{name}' ({self.transport}, world size {world}) could not form within "
+                f"{self.timeout_s:.0f}s: " + "; ".join(problems)
+            )
+        return group
+
+    def _push(self, group: _Group, version: int) -> dict[str, float]:
+        assert self.plan is not None
+        started = time.perf_counter()
+        backstop = self.timeout_s + _REPLY_MARGIN_S + self.plan.total_bytes / _SLOWEST_BYTES_PER_S
+        sender = getattr(self.trainer, self.send_endpoint).all(group.name, self.plan, version)
+        receivers = [self.rollout[pos].receive_weights.call_one(group.name, backstop) for pos in group.positions]
+        refs = [*sender.refs, *(r.refs[0] for r in receivers)]
+        who = [f"{self.trainer.name} rank {i}" for i in range(len(sender.refs))]
+        who += [f"{self.rollout.name} engine {pos}" for pos in group.positions]
+        values: list[Any] = []
+        # On the first failure the sender leaves at once: closing its connections wakes receivers still waiting for
+        # buckets that will never come, instead of leaving them to their timeout.
+        leave_sender = lambda: self.trainer.actors[0]._rlmesh_leave_group.remote(group.name)  # noqa: E731
+        problems = _settle(
+            refs, who, backstop, values, on_first_failure=leave_sender, after_failure_s=self.timeout_s + _REPLY_MARGIN_S
+        )
+        seconds = time.perf_counter() - started
+        if problems:
+            self._teardown(group)
+            if group is self._group:
+                self._group = None
+            raise WeightSyncError(
+                f"weight sync of version {version} over '{group.name}' ({self.transport}, "
+                f"{self.plan.total_bytes / 1e6:.1f} MB) failed after {seconds:.1f}s (timeout {self.timeout_s:.0f}s): "
+                + "; ".join(problems)
+            )
+        sent = values[0]
+        loads = values[len(sender.refs) :]
+        return {
+            "timing_s/sync_transfer": seconds,
+            "weight_sync/bytes": float(self.plan.total_bytes),
+            "weight_sync/gb_per_s": self.plan.total_bytes / max(seconds, 1e-9) / 1e9,
+            "weight_sync/buckets": float(self.plan.num_buckets),
+            "weight_sync/send_s": float(sent["seconds"]),
+            "weight_sync/load_s_max": max(float(r["seconds"]) for r in loads),
+            "weight_sync/version": float(version),
+        }
+
+    def _teardown(self, group: _Group) -> None:
+        """Every live member leaves the group; a member stuck in a collective leaves when its wait times out."""
+        refs: list[Any] = [self.trainer.actors[0]._rlmesh_leave_group.remote(group.name)]
+        for pos in group.positions:
+            with contextlib.suppress(Exception):  # a dead engine has nothing to leave
+                refs.append(self.rollout[pos].leave_weight_group.call_one(group.name).refs[0])
+        ray.wait(refs, num_returns=len(refs), timeout=2.0)
+
+
+def _settle(
+    refs: list[Any],
+    who: list[str],
+    timeout_s: float,
+    values: list[Any] | None = None,
+    on_first_failure: Callable[[], Any] | None = None,
+    after_failure_s: float | None = None,
+) -> list[str]:
+    """Wait for all `refs` up to `timeout_s`, and at most `after_failure_s` more once one has failed (the others
+    then fail by their own timeouts); return one line per member that failed or did not finish, in member order,
+    and fill `values` with the results when none failed."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    outcome: dict[int, str | None] = {}
+    results: dict[int, Any] = {}
+    index = {ref: i for i, ref in enumerate(refs)}
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        for ref in ready:
+            i = index[ref]
+            try:
+                results[i] = ray.get(ref)
+                outcome[i] = None
+            except ray.exceptions.RayActorError as err:
+                outcome[i] = f"{who[i]} died ({_last_line(err)})"
+            except Exception as err:
+                outcome[i] = f"{who[i]} failed: {_last_line(err)}"
+            if outcome[i] is not None and after_failure_s is not None:
+                deadline = min(deadline, time.monotonic() + after_failure_s)
+                after_failure_s = None
+            if outcome[i] is not None and on_first_failure is not None:
+                on_first_failure()
+                on_first_failure = None
+    problems = []
+    for i, member in enumerate(who):
+        if i not in outcome:
+            problems.append(f"{member} did not finish (waited {time.monotonic() - started:.0f}s)")
+        elif outcome[i] is not None:
+            problems.append(str(outcome[i]))
+    if values is not None and not problems:
+        values.extend(results[i] for i in range(len(refs)))
+    return problems
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[-1][:400] if lines else type(err).__name__

