@@ -18,6 +18,7 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 # A small, fast configuration of the embedded default: 8 prompts × 4 samples per step.
 SMALL = [
+    "rollout=hf",  # most tests use the HF backend (no engine start); test_grpo_on_vllm covers the default
     "data.train_batch_size=8",
     "data.val_size=16",
     "roles.rollout.n=4",
@@ -116,3 +117,13 @@ def test_user_defined_reward_and_rollout_classes_plug_in_by_target(tmp_path: Pat
     )
     assert history[0]["critic/score/mean"] == 0.5  # the user's reward scored it
     assert history[0]["response_length/mean"] == 2.0  # the user's rollout generated it
+
+
+def test_grpo_on_vllm_the_default_backend(tmp_path: Path):
+    history = run(
+        config(tmp_path, "rollout=vllm", "trainer.total_steps=2", "trainer.test_freq=2", "trainer.save_freq=0")
+    )
+    assert [m["training/global_step"] for m in history] == [1.0, 2.0]
+    for metrics in history:
+        assert math.isfinite(metrics["actor/pg_loss"]) and metrics["timing_s/update_weights"] > 0
+    assert "val-core/arithmetic/acc/mean@1" in history[-1]
