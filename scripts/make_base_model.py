@@ -20,6 +20,7 @@ from rlmesh.models.tiny import (
     greedy_token_ids,
     prompt_ids,
     save_tiny_model,
+    SFT_SCHEDULES,
     sft,
 )
 
@@ -35,11 +36,19 @@ VLLM_CHECK_ROWS = 64
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=TINY_ARITH_PATH, help="folder to write (default: the asset)")
-    # Accuracy jumps steeply with steps; measured at lr 1e-3 on 500 test problems: seed 0 gave 9.0% after 300 steps,
-    # 25.2% after 325 and 28.0% after 350; seeds 1 and 2 gave 28.2% and 34.8% after 325, 36.8% and 29.4% after 350.
-    # 325 is past the jump for every seed tried and inside the 10-40% the RL recipe wants: weak, with reward to
-    # learn from and room to improve.
-    parser.add_argument("--steps", type=int, default=325, help="SFT steps")
+    # The schedule decides how well RL learns from the base, more than its accuracy does. Measured with the default
+    # GRPO recipe (32 prompts x 16 samples, lr 1e-4), held-out greedy exact match on 1,000 test problems:
+    #   constant lr 1e-3, 300 steps: base 17.5% -> 53% after 50 RL steps, 68% after 200, 77% after 400;
+    #   cosine to zero, 325 steps:   base 25.3% -> 20% after 50 (a dip), 23% after 200, 33% after 400;
+    #   cosine to zero, 400 steps:   base 23.7% -> 17% after 50, 20% after 200, 27% after 400.
+    # A cosine-annealed model samples worse for its greedy accuracy (7.7% at temperature 1 for 25.3% greedy, against
+    # 9.1% for 17.5%), and RL first loses accuracy on it. With the constant schedule accuracy grows smoothly with
+    # steps (seed 0: 13.9% after 250, 18.1% after 300, 19.5% after 325; seeds 1 and 2 after 300: 15.2%, 18.0%), so
+    # 300 steps lands inside the 10-40% the RL recipe wants for every seed tried: weak, with reward to learn from.
+    parser.add_argument("--steps", type=int, default=300, help="SFT steps")
+    parser.add_argument(
+        "--schedule", default="constant", choices=SFT_SCHEDULES, help="SFT learning-rate schedule after the warmup"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the batch order")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     parser.add_argument("--batch-size", type=int, default=64, help="problems per SFT step")
@@ -67,15 +76,18 @@ def build(args: argparse.Namespace) -> None:
     print(f"tiny Qwen2: {parameters:,} parameters, vocabulary {len(tokenizer)}")
 
     started = time.perf_counter()
-    losses = sft(model, tokenizer, train_rows, args.steps, args.lr, args.seed, args.batch_size, log_every=50)
+    losses = sft(
+        model, tokenizer, train_rows, args.steps, args.lr, args.seed, args.batch_size, log_every=50,
+        schedule=args.schedule,
+    )
     train_seconds = time.perf_counter() - started
     accuracy = evaluate_exact_match(model, tokenizer, test_rows)
     print(f"SFT: {args.steps} steps in {train_seconds:.1f}s, final loss {losses[-1]:.4f}")
     print(f"held-out greedy exact match on {len(test_rows)} {TASK} test problems: {accuracy:.1%}")
 
     command = (
-        f"python scripts/make_base_model.py --steps {args.steps} --seed {args.seed} --lr {args.lr} "
-        f"--batch-size {args.batch_size}"
+        f"python scripts/make_base_model.py --steps {args.steps} --schedule {args.schedule} --seed {args.seed} "
+        f"--lr {args.lr} --batch-size {args.batch_size}"
     )
     notes = (
         "# tiny-arith\n\n"
@@ -84,7 +96,7 @@ def build(args: argparse.Namespace) -> None:
         "addition ('23+45=' -> '68<|endoftext|>') to weak accuracy, so RL has something to improve.\n\n"
         f"Made by `{command}` (rlmesh.models.tiny).\n\n"
         f"Held-out greedy exact match: {accuracy:.1%} on {len(test_rows)} test problems "
-        f"(SFT {args.steps} steps, final loss {losses[-1]:.4f}).\n"
+        f"(SFT {args.steps} steps, {args.schedule} learning rate, final loss {losses[-1]:.4f}).\n"
     )
     save_tiny_model(model, tokenizer, args.out, notes=notes)
     print(f"wrote {args.out}")
