@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 P = ParamSpec("P")
@@ -87,10 +87,13 @@ def _mark(fn: Callable[..., Any], **options: Any) -> Any:
 
 
 def endpoints_of(cls: type) -> dict[str, EndpointSpec]:
-    """Every @endpoint of a class, inherited ones included."""
+    """Every @endpoint of a class, inherited ones included. A subclass that overrides an endpoint without
+    decorating it again keeps it exposed, with the base's options."""
     found: dict[str, EndpointSpec] = {}
     for name in dir(cls):
-        spec = getattr(getattr(cls, name, None), ENDPOINT_ATTR, None)
-        if isinstance(spec, EndpointSpec):
-            found[name] = spec if spec.name == name else EndpointSpec(**{**spec.__dict__, "name": name})
+        attr = getattr(cls, name, None)
+        specs = (getattr(getattr(base, name, None), ENDPOINT_ATTR, None) for base in cls.__mro__)
+        spec = next((s for s in specs if isinstance(s, EndpointSpec)), None)
+        if spec is not None and callable(attr):
+            found[name] = replace(spec, name=name, is_async=inspect.iscoroutinefunction(attr))
     return found

@@ -188,3 +188,19 @@ def test_power_of_two_beats_random_on_skewed_loads_in_simulation():
             random_max = max(loads)
         else:
             assert max(loads) < random_max
+
+
+def test_an_undecorated_override_stays_an_endpoint_with_the_base_options():
+    from rlmesh.mesh.endpoint import endpoint, endpoints_of
+
+    class Base:
+        @endpoint(idempotent=False)
+        def run(self) -> int:
+            return 1
+
+    class Timed(Base):
+        async def run(self) -> int:  # type: ignore[override]
+            return 2
+
+    spec = endpoints_of(Timed)["run"]
+    assert spec.idempotent is False and spec.is_async
