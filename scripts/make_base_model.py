@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlmesh.data.synthetic import make_task_rows
 from rlmesh.models.tiny import (
+    SFT_SCHEDULES,
     TINY_ARITH_PATH,
     build_char_tokenizer,
     build_tiny_qwen2,
@@ -20,7 +21,6 @@ from rlmesh.models.tiny import (
     greedy_token_ids,
     prompt_ids,
     save_tiny_model,
-    SFT_SCHEDULES,
     sft,
 )
 
@@ -77,7 +77,14 @@ def build(args: argparse.Namespace) -> None:
 
     started = time.perf_counter()
     losses = sft(
-        model, tokenizer, train_rows, args.steps, args.lr, args.seed, args.batch_size, log_every=50,
+        model,
+        tokenizer,
+        train_rows,
+        args.steps,
+        args.lr,
+        args.seed,
+        args.batch_size,
+        log_every=50,
         schedule=args.schedule,
     )
     train_seconds = time.perf_counter() - started
