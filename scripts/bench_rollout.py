@@ -97,7 +97,7 @@ def start_mesh(args: argparse.Namespace, engines: int, router: str) -> Any:
     from rlmesh.mesh import ActorMesh
     from rlmesh.roles.rollout.vllm import VLLMRollout
 
-    resources: dict[str, float] = {"CPU": 1}
+    resources: dict[str, float] = {"CPU": 2}  # as the default recipe: Ray sets OMP_NUM_THREADS from it
     if args.device == "cuda":
         resources["GPU"] = 1
     return ActorMesh(
