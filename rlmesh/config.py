@@ -128,7 +128,9 @@ class RolloutConfig:
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
     kv_cache_memory_gb: float | None = None  # explicit KV cache size; overrides gpu_memory_utilization, starts faster
-    enable_sleep_mode: bool = False  # GPU: lets a colocated engine sleep (free its KV cache) while the trainer runs
+    # Engine i shares trainer rank i's placement bundle (and, on GPU, its device): weights then sync over CUDA IPC.
+    colocate_with_trainer: bool = False
+    enable_sleep_mode: bool = False  # GPU: a colocated engine sleeps (frees its KV cache) while the trainer trains
     dtype: str = "auto"
     generation_batch_size: int = 64  # HF backend: sequences per generate() call
     max_concurrent_requests_per_engine: int | None = None  # mesh in-flight cap (pull-style dispatch)

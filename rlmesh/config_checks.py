@@ -33,6 +33,7 @@ class RunPlan:
     use_reference: bool
     resources: dict[str, dict[str, float]]  # role -> total resources its mesh needs
     samples_per_step: int
+    weight_sync: str = "object_store"  # the transport `auto` resolved to: object_store | gloo | nccl | cuda_ipc
 
 
 def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPlan:
@@ -197,6 +198,25 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
             "set it to 1 on CPU",
         )
 
+    if device == "cuda":  # an actor that asks for no GPU sees none (Ray hides the others)
+        gpu_roles = [("roles.trainer.resources_per_device", actor.resources_per_device)]
+        gpu_roles.append(("roles.rollout.resources_per_engine", rollout.resources_per_engine))
+        if use_critic:
+            gpu_roles.append(("roles.critic.resources_per_device", critic.resources_per_device))
+        if use_reference:
+            gpu_roles.append(("roles.reference.resources_per_device", roles.reference.resources_per_device))
+        if roles.reward.name == "model":
+            gpu_roles.append(("roles.reward.resources_per_actor", roles.reward.resources_per_actor))
+        for key, asked in gpu_roles:
+            if not asked.get("GPU"):
+                bad(
+                    key,
+                    dict(asked),
+                    "this role runs on cuda but asks Ray for no GPU, so it would see none",
+                    f"add one, e.g. +{key}.GPU=1 (or a fraction to share a GPU)",
+                )
+    weight_sync = _check_weight_sync(bad, cfg, device)
+
     resources = {
         "trainer": _times(actor.resources_per_device, actor.dp_size),
         "rollout": _times(rollout.resources_per_engine, rollout.num_engines),
@@ -206,9 +226,95 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
         resources["critic"] = _times(critic.resources_per_device, critic.dp_size)
     if use_reference:
         resources["reference"] = _times(roles.reference.resources_per_device, roles.reference.dp_size)
+    if rollout.colocate_with_trainer:  # both meshes live in the trainer's bundles
+        bundle, _, _ = colocated_resources(actor.resources_per_device, rollout.resources_per_engine)
+        resources["trainer"], resources["rollout"] = _times(bundle, actor.dp_size), {}
     if problems:
         raise ConfigError(problems)
-    return RunPlan(device, use_critic, use_reference, resources, data.train_batch_size * rollout.n)
+    return RunPlan(device, use_critic, use_reference, resources, data.train_batch_size * rollout.n, weight_sync)
+
+
+TRANSPORTS = ("auto", "object_store", "gloo", "nccl", "cuda_ipc")
+
+
+def _check_weight_sync(bad: Report, cfg: RlmeshConfig, device: str) -> str:
+    """Check the weight-sync and colocation settings; return the transport `auto` stands for."""
+    rollout, dp = cfg.roles.rollout, cfg.roles.trainer.dp_size
+    colocated = rollout.colocate_with_trainer
+    transport = rollout.weight_sync
+    if transport not in TRANSPORTS:
+        bad("roles.rollout.weight_sync", transport, "unknown transport", f"use one of {TRANSPORTS}")
+        return transport
+    if transport == "auto":
+        if rollout.name == "hf":
+            transport = "object_store"  # HF engines load a state dict; they join no collective group
+        elif device == "cuda":
+            transport = "cuda_ipc" if colocated else "nccl"
+        else:
+            transport = "gloo"
+    if rollout.name == "hf" and transport != "object_store":
+        bad(
+            "roles.rollout.weight_sync",
+            rollout.weight_sync,
+            "the HF rollout receives weights through the object store only",
+            "use auto or object_store, or rollout=vllm for collective transports",
+        )
+    if transport in ("nccl", "cuda_ipc") and device != "cuda":
+        bad("roles.rollout.weight_sync", rollout.weight_sync, f"{transport} needs GPUs", "use gloo (or auto) on CPU")
+    if transport == "cuda_ipc" and not colocated:
+        bad(
+            "roles.rollout.weight_sync",
+            rollout.weight_sync,
+            "cuda_ipc shares GPU memory, so trainer and engines must be on the same GPU",
+            "set roles.rollout.colocate_with_trainer=true, or use nccl",
+        )
+    if colocated and device == "cuda" and transport == "nccl":
+        bad(
+            "roles.rollout.weight_sync",
+            rollout.weight_sync,
+            "NCCL cannot connect two ranks on the same GPU, and colocated engines share the trainer's",
+            "use cuda_ipc (or auto)",
+        )
+    if colocated and rollout.num_engines != dp:
+        bad(
+            "roles.rollout.num_engines",
+            rollout.num_engines,
+            f"colocation puts engine i on trainer rank i's bundle, and roles.trainer.dp_size={dp}",
+            f"set roles.rollout.num_engines={dp}",
+        )
+    if colocated and rollout.tensor_parallel_size != 1:
+        bad(
+            "roles.rollout.tensor_parallel_size",
+            rollout.tensor_parallel_size,
+            "a colocated engine lives on one trainer rank's GPU",
+            "set it to 1, or turn colocate_with_trainer off",
+        )
+    if rollout.enable_sleep_mode and (device != "cuda" or rollout.name != "vllm"):
+        bad(
+            "roles.rollout.enable_sleep_mode",
+            rollout.enable_sleep_mode,
+            "sleep mode is vLLM's, on GPUs only",
+            "set it to false",
+        )
+    return transport
+
+
+def colocated_resources(
+    trainer: dict[str, float], engine: dict[str, float]
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """(bundle, trainer request, engine request) when a trainer rank and an engine share one bundle: resources add
+    up, except that the bundle holds at most one GPU, which both actors share (so Ray gives them the same
+    CUDA_VISIBLE_DEVICES): GPU fractions that sum past 1 are scaled down in proportion, {GPU: 1} each to halves."""
+    bundle = {k: float(trainer.get(k, 0.0)) + float(engine.get(k, 0.0)) for k in {*trainer, *engine}}
+    trainer_request = {k: float(v) for k, v in trainer.items()}
+    engine_request = {k: float(v) for k, v in engine.items()}
+    gpus = bundle.get("GPU", 0.0)
+    if gpus > 1:
+        bundle["GPU"] = 1.0
+        for request in (trainer_request, engine_request):
+            if "GPU" in request:
+                request["GPU"] /= gpus
+    return bundle, trainer_request, engine_request
 
 
 def check_cluster_resources(plan: RunPlan, cluster: dict[str, float]) -> None:

@@ -58,6 +58,8 @@ class RLLoop:
         self.estimator = get_advantage_estimator(cfg.algorithm.adv_estimator)
         self.n = cfg.roles.rollout.n
         self.n_devices = cfg.roles.trainer.dp_size
+        rollout = cfg.roles.rollout
+        self.engines_sleep = rollout.colocate_with_trainer and rollout.enable_sleep_mode
 
     # ---------------------------------------------------------------- one step
 
@@ -66,6 +68,8 @@ class RLLoop:
         t_step = time.perf_counter()
         # 1. generate n responses per prompt (and score them, when dynamic sampling must filter on the score)
         batch = self.rollout_batch(step, metrics)
+        if self.engines_sleep:  # colocated engines hand the GPU to training until the sync: KV cache freed
+            roles.rollout.sleep.all(1).result()
         # 2. reward, reference log-probs, old log-probs and values: issued together, awaited together
         issued = time.perf_counter()
         pending = {
@@ -93,7 +97,7 @@ class RLLoop:
         metrics |= self.wait_timed(actor_update, "update_actor", issued, metrics)
         # 5. the rollout engines get the new weights
         with timed(metrics, "update_weights"):
-            metrics |= roles.weight_sync.push(version=step)
+            metrics |= self.update_rollout_weights(version=step)
         # 6. metrics, with verl's names
         metrics |= kl_metrics | reward_metrics(batch)
         metrics |= data_metrics(
@@ -189,6 +193,17 @@ class RLLoop:
         batch["token_level_rewards"], batch["advantages"], batch["returns"] = rewards, advantages, returns
         return batch, metrics
 
+    def update_rollout_weights(self, version: int) -> dict[str, float]:
+        """Push the trainer's weights to the engines. Sleeping engines first wake their weights (the sync writes
+        into them), and re-allocate their KV cache only after it, so the two never need the GPU at once."""
+        if not self.engines_sleep:
+            return self.roles.weight_sync.push(version=version)
+        self.roles.rollout.wake_up.all(["weights"]).result()
+        try:
+            return self.roles.weight_sync.push(version=version)
+        finally:
+            self.roles.rollout.wake_up.all(["kv_cache"]).result()
+
     @staticmethod
     def wait_timed(future: MeshFuture[Any], name: str, issued: float, metrics: dict[str, float]) -> Any:
         result = future.result()
@@ -239,7 +254,7 @@ class RLLoop:
         self.train_prompts.load_state_dict(state["train_prompts"])
         self.kl_ctrl.load_state_dict(state["kl_ctrl"])
         restore_rng(state["rng"])
-        self.roles.weight_sync.push(version=state["step"])
+        self.update_rollout_weights(version=state["step"])
         log.info("resumed from %s at step %d", folder, state["step"])
         return int(state["step"]) + 1
 

@@ -5,6 +5,7 @@ python -m rlmesh.train recipe=grpo [dotted.overrides ...]
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -20,9 +21,9 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from rlmesh.config import RlmeshConfig
-from rlmesh.config_checks import RunPlan, check_cluster_resources, check_config
+from rlmesh.config_checks import RunPlan, check_cluster_resources, check_config, colocated_resources
 from rlmesh.loop import RLLoop, Roles
-from rlmesh.mesh import ActorMesh
+from rlmesh.mesh import ActorMesh, Placement
 
 log = logging.getLogger("rlmesh")
 
@@ -51,10 +52,10 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
     total_steps = typed.trainer.total_steps or typed.trainer.total_epochs * len(train_prompts)
 
     started_ray = start_ray(typed, plan)
-    meshes: list[ActorMesh[Any]] = []
+    release = contextlib.ExitStack()  # meshes and placements, released last-made first
     try:
         check_cluster_resources(plan, ray.cluster_resources())
-        roles = build_roles(typed, plan, total_steps, meshes)
+        roles = build_roles(typed, plan, total_steps, release)
         roles.weight_sync.setup()
         from rlmesh.tracking import Tracker, plot_curves
 
@@ -70,8 +71,7 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
             log.info("learning curves: %s", png)
         return history
     finally:
-        for mesh in meshes:
-            mesh.shutdown()
+        release.close()
         if started_ray:
             ray.shutdown()
 
@@ -122,23 +122,32 @@ def start_ray(cfg: RlmeshConfig, plan: RunPlan) -> bool:
     return True
 
 
-def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, meshes: list[ActorMesh[Any]]) -> Roles:
-    """One mesh per role, started concurrently. Any importable class can play a role through its `_target_`."""
+def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, release: contextlib.ExitStack) -> Roles:
+    """One mesh per role, started concurrently, each registered with `release` for shutdown. Any importable class
+    can play a role through its `_target_`."""
     roles, seed, device = cfg.roles, cfg.trainer.seed, plan.device
     actor, critic, rollout, reward = roles.trainer, roles.critic, roles.rollout, roles.reward
     optimizer_steps = actor.ppo_epochs * (cfg.data.train_batch_size // actor.ppo_mini_batch_size)
     critic_steps = critic.ppo_epochs * (cfg.data.train_batch_size // critic.ppo_mini_batch_size)
-    timeout = cluster_timeout = cfg.cluster.placement_timeout_s
+    cluster_timeout = cfg.cluster.placement_timeout_s
     restart_hooks: list[Any] = []
 
     def on_rollout_restart(mesh: ActorMesh[Any], positions: list[int]) -> None:
         for hook in restart_hooks:  # the weight sync, once built, brings new engines up to date first
             hook(mesh, positions)
 
+    trainer_resources, engine_resources = actor.resources_per_device, rollout.resources_per_engine
+    shared: dict[str, Any] = {}
+    if rollout.colocate_with_trainer:  # engine i on trainer rank i's bundle (and GPU)
+        bundle, trainer_resources, engine_resources = colocated_resources(trainer_resources, engine_resources)
+        placement = Placement.create(actor.dp_size, bundle, timeout_s=cluster_timeout)
+        release.callback(placement.remove)
+        shared = {"placement": placement}
+
     specs: dict[str, tuple[type, dict[str, Any], dict[str, Any]]] = {
         "trainer": (
             get_class(actor._target_),
-            {"shape": {"dp": actor.dp_size}, "resources": actor.resources_per_device},
+            {"shape": {"dp": actor.dp_size}, "resources": trainer_resources, **shared},
             dict(
                 config=actor,
                 rollout_n=rollout.n,
@@ -151,7 +160,8 @@ def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, meshes: list
             get_class(rollout._target_),
             {
                 "shape": {"dp": rollout.num_engines},
-                "resources": rollout.resources_per_engine,
+                "resources": engine_resources,
+                **shared,
                 "distributed_env": False,
                 "max_in_flight_per_actor": rollout.max_concurrent_requests_per_engine,
                 "on_restart": on_rollout_restart,
@@ -198,13 +208,13 @@ def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, meshes: list
         for name, future in futures.items():
             try:
                 built[name] = future.result()
-                meshes.append(built[name])
+                release.callback(built[name].shutdown)
             except Exception as err:
                 errors.append(f"{name}: {err}")
         if errors:
             raise RuntimeError("role meshes failed to start:\n" + "\n".join(errors))
 
-    weight_sync = make_weight_sync(cfg, built["trainer"], built["rollout"], timeout)
+    weight_sync = make_weight_sync(cfg, plan.weight_sync, built["trainer"], built["rollout"])
     restart_hooks.append(weight_sync.on_rollout_restart)
     return Roles(
         trainer=built["trainer"],
@@ -216,12 +226,10 @@ def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, meshes: list
     )
 
 
-def make_weight_sync(cfg: RlmeshConfig, trainer: ActorMesh[Any], rollout: ActorMesh[Any], timeout: float) -> Any:
+def make_weight_sync(cfg: RlmeshConfig, transport: str, trainer: ActorMesh[Any], rollout: ActorMesh[Any]) -> Any:
+    """The weight sync over `transport` (what check_config resolved roles.rollout.weight_sync to)."""
     from rlmesh.sync import ObjectStoreWeightSync
 
-    transport = cfg.roles.rollout.weight_sync
-    if transport == "auto":
-        transport = "object_store" if cfg.roles.rollout.name == "hf" else ("nccl" if trainer_on_gpu(cfg) else "gloo")
     if transport == "object_store":
         return ObjectStoreWeightSync(trainer, rollout, timeout_s=cfg.roles.rollout.sync_timeout_s)
     from rlmesh.sync.collective_sync import CollectiveWeightSync
@@ -230,13 +238,10 @@ def make_weight_sync(cfg: RlmeshConfig, trainer: ActorMesh[Any], rollout: ActorM
         trainer,
         rollout,
         transport=transport,
+        colocated=cfg.roles.rollout.colocate_with_trainer,
         bucket_mb=cfg.roles.rollout.sync_bucket_mb,
         timeout_s=cfg.roles.rollout.sync_timeout_s,
     )
-
-
-def trainer_on_gpu(cfg: RlmeshConfig) -> bool:
-    return cfg.trainer.device == "cuda" or (cfg.trainer.device == "auto" and cfg.trainer.n_gpus > 0)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,24 +29,30 @@ _REPLY_MARGIN_S = 10.0
 _SLOWEST_BYTES_PER_S = 50e6
 
 
-def resolve_transport(name: str, device: str, colocated: bool = False) -> str:
-    """`auto`: cuda_ipc when trainer and engine share a GPU, nccl on GPUs, gloo on CPU; other names pass through."""
-    if name != "auto":
-        return name
-    if device.startswith("cuda"):
-        return "cuda_ipc" if colocated else "nccl"
-    return "gloo"
+@dataclass
+class _Link:
+    """One process group of a sync: a trainer rank that sends, and the engines (rollout positions) it sends to."""
+
+    sender: int
+    positions: list[int]
 
 
 @dataclass
 class _Group:
+    """Every link of one sync. All links share the name: each member process holds only its own link's group."""
+
     name: str
-    positions: list[int]  # rollout positions whose workers are members, in rank order after the sender
-    world_size: int
+    links: list[_Link]
+
+    @property
+    def positions(self) -> list[int]:
+        return [pos for link in self.links for pos in link.positions]
 
 
 class CollectiveWeightSync:
     """Pushes the trainer's weights to every rollout engine: trainer rank 0 sends, every engine worker receives.
+    With `colocated`, engine i shares trainer rank i's GPU and receives from that rank instead (cuda_ipc), over a
+    group of its own; every rank holds the full tensors during a sync anyway, since FSDP2 gathers them on all.
 
     The trainer mesh must expose two endpoints (rank 0 answers the first; all ranks run the second in lockstep):
         weight_specs() -> list[(name, dtype, shape)]                 what iter_full_weights() yields, in its order
@@ -66,6 +73,7 @@ class CollectiveWeightSync:
         bucket_mb: float = 256,
         timeout_s: float = 120.0,
         name: str = "weights",
+        colocated: bool = False,
         wire_dtype: str | None = "engine",
         specs_endpoint: str = "weight_specs",
         send_endpoint: str = "push_weights",
@@ -80,11 +88,18 @@ class CollectiveWeightSync:
                     f"trainer mesh '{trainer.name}' has no endpoint {endpoint_name!r}, which the {transport} weight "
                     "sync calls (see CollectiveWeightSync); add it, or set rollout.weight_sync=object_store"
                 )
+        if colocated and trainer.size != rollout.size:
+            raise WeightSyncError(
+                f"a colocated sync pairs trainer rank i with engine i, but '{trainer.name}' has {trainer.size} ranks "
+                f"and '{rollout.name}' {rollout.size} engines"
+            )
         self.trainer, self.rollout = trainer, rollout
+        self.colocated = colocated
         self.transport = transport
         self.bucket_bytes = int(bucket_mb * (1 << 20))
         self.timeout_s = float(timeout_s)
-        self.name = name
+        # Engines keep a group per name, and several syncs may reach the same engines: names must never collide.
+        self.name = f"{name}-{uuid.uuid4().hex[:6]}"
         self.wire_dtype = wire_dtype
         self.specs_endpoint, self.send_endpoint = specs_endpoint, send_endpoint
         self.plan: SyncPlan | None = None
@@ -184,24 +199,31 @@ class CollectiveWeightSync:
     # ------------------------------------------------------------ internals
 
     def _form(self, positions: list[int]) -> _Group:
+        """The group reaching the engines at `positions`: one link from rank 0, or one per colocated pair."""
         assert self.plan is not None
         name = f"{self.name}-{next(self._counter)}"
-        world = 1 + sum(self._workers[pos] for pos in positions)
-        sender = self.trainer.actors[0]
-        backend = process_group_backend(self.transport)
+        links = [_Link(pos, [pos]) for pos in positions] if self.colocated else [_Link(0, positions)]
+        group = _Group(name, links)
+        worlds = [1 + sum(self._workers[pos] for pos in link.positions) for link in links]
+        stores = [
+            self.trainer.actors[link.sender]._rlmesh_open_store.remote(name, world, self.timeout_s)
+            for link, world in zip(links, worlds, strict=True)
+        ]
         try:
-            addr, port = ray.get(sender._rlmesh_open_store.remote(name, world, self.timeout_s), timeout=self.timeout_s)
+            addresses = ray.get(stores, timeout=self.timeout_s)
         except Exception as err:
-            raise WeightSyncError(
-                f"weight-sync group '{name}': trainer rank 0 could not host the rendezvous store: {err}"
-            ) from err
-        refs: list[Any] = [sender._rlmesh_join_group.remote(name, backend, addr, port, 0, world, self.timeout_s)]
-        who = [f"{self.trainer.name} rank 0 (sender)"]
-        first_rank = 1
+            raise WeightSyncError(f"weight-sync group '{name}': a sender could not host its store: {err}") from err
+        backend = process_group_backend(self.transport)
         plan_json = self.plan.to_json()
-        for pos in positions:
-            request = json.dumps(
-                {
+        refs: list[Any] = []
+        who: list[str] = []
+        for link, world, (addr, port) in zip(links, worlds, addresses, strict=True):
+            sender = self.trainer.actors[link.sender]
+            refs.append(sender._rlmesh_join_group.remote(name, backend, addr, port, 0, world, self.timeout_s))
+            who.append(f"{self.trainer.name} rank {link.sender} (sender)")
+            first_rank = 1
+            for pos in link.positions:
+                request = {
                     "name": name,
                     "transport": self.transport,
                     "addr": addr,
@@ -211,17 +233,16 @@ class CollectiveWeightSync:
                     "timeout_s": self.timeout_s,
                     "plan": plan_json,
                 }
-            )
-            refs.append(self.rollout[pos].join_weight_group.call_one(request).refs[0])
-            who.append(f"{self.rollout.name} engine {pos} (ranks {first_rank}..{first_rank + self._workers[pos] - 1})")
-            first_rank += self._workers[pos]
-        group = _Group(name, positions, world)
+                refs.append(self.rollout[pos].join_weight_group.call_one(json.dumps(request)).refs[0])
+                last_rank = first_rank + self._workers[pos] - 1
+                who.append(f"{self.rollout.name} engine {pos} (ranks {first_rank}..{last_rank})")
+                first_rank = last_rank + 1
         problems = _settle(refs, who, self.timeout_s + _REPLY_MARGIN_S)
         if problems:
             self._teardown(group)
             raise WeightSyncError(
-                f"weight-sync group '{name}' ({self.transport}, world size {world}) could not form within "
-                f"{self.timeout_s:.0f}s: " + "; ".join(problems)
+                f"weight-sync group '{name}' ({self.transport}, {len(links)} link(s), world size {max(worlds)}) could "
+                f"not form within {self.timeout_s:.0f}s: " + "; ".join(problems)
             )
         return group
 
@@ -235,11 +256,15 @@ class CollectiveWeightSync:
         who = [f"{self.trainer.name} rank {i}" for i in range(len(sender.refs))]
         who += [f"{self.rollout.name} engine {pos}" for pos in group.positions]
         values: list[Any] = []
-        # On the first failure the sender leaves at once: closing its connections wakes receivers still waiting for
-        # buckets that will never come, instead of leaving them to their timeout.
-        leave_sender = lambda: self.trainer.actors[0]._rlmesh_leave_group.remote(group.name)  # noqa: E731
+        # On the first failure the senders leave at once: closing their connections wakes receivers still waiting
+        # for buckets that will never come, instead of leaving them to their timeout.
         problems = _settle(
-            refs, who, backstop, values, on_first_failure=leave_sender, after_failure_s=self.timeout_s + _REPLY_MARGIN_S
+            refs,
+            who,
+            backstop,
+            values,
+            on_first_failure=lambda: self._leave_senders(group),
+            after_failure_s=self.timeout_s + _REPLY_MARGIN_S,
         )
         seconds = time.perf_counter() - started
         if problems:
@@ -263,9 +288,12 @@ class CollectiveWeightSync:
             "weight_sync/version": float(version),
         }
 
+    def _leave_senders(self, group: _Group) -> list[Any]:
+        return [self.trainer.actors[link.sender]._rlmesh_leave_group.remote(group.name) for link in group.links]
+
     def _teardown(self, group: _Group) -> None:
         """Every live member leaves the group; a member stuck in a collective leaves when its wait times out."""
-        refs: list[Any] = [self.trainer.actors[0]._rlmesh_leave_group.remote(group.name)]
+        refs = self._leave_senders(group)
         for pos in group.positions:
             with contextlib.suppress(Exception):  # a dead engine has nothing to leave
                 refs.append(self.rollout[pos].leave_weight_group.call_one(group.name).refs[0])

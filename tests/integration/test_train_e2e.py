@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from rlmesh.train import run
+from rlmesh.config_checks import check_config
+from rlmesh.train import build_roles, run
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -127,3 +130,24 @@ def test_grpo_on_vllm_the_default_backend(tmp_path: Path):
     for metrics in history:
         assert math.isfinite(metrics["actor/pg_loss"]) and metrics["timing_s/update_weights"] > 0
     assert "val-core/arithmetic/acc/mean@1" in history[-1]
+
+
+def test_colocated_engines_share_the_trainers_bundles_and_take_its_weights(tmp_path: Path):
+    cfg = OmegaConf.to_object(
+        config(
+            tmp_path,
+            "roles.rollout.colocate_with_trainer=true",
+            "roles.trainer.dp_size=2",
+            "roles.rollout.num_engines=2",
+        )
+    )
+    plan = check_config(cfg)  # type: ignore[arg-type]
+    with contextlib.ExitStack() as release:
+        roles = build_roles(cfg, plan, total_steps=1, release=release)  # type: ignore[arg-type]
+        shared = roles.trainer.placement
+        assert roles.rollout.placement.group.id == shared.group.id
+        assert shared.bundles == [{"CPU": 1.0}] * 2  # a trainer rank's 0.5 CPU and an engine's 0.5 in each
+        roles.weight_sync.setup()
+        roles.weight_sync.push(version=1)
+        assert roles.rollout.weight_version.all().result(timeout=60) == [1, 1]
+    assert ray.util.placement_group_table(shared.group)["state"] == "REMOVED"  # released with the meshes

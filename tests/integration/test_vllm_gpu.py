@@ -108,3 +108,32 @@ def test_cuda_ipc_sync_on_one_shared_gpu_around_sleep_and_wake(model_path):
     finally:
         sync.close()
         stop(rollout, sender)
+
+
+def test_a_colocated_grpo_run_sleeps_its_engine_and_syncs_over_cuda_ipc(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from rlmesh.train import run
+    from tests.conftest import REPO
+
+    overrides = [
+        "trainer.device=cuda",
+        "trainer.n_gpus=1",
+        "roles.rollout.colocate_with_trainer=true",  # auto transport: cuda_ipc
+        "roles.rollout.enable_sleep_mode=true",
+        "+roles.trainer.resources_per_device.GPU=1",  # shared: each actor gets half (colocated_resources)
+        "+roles.rollout.resources_per_engine.GPU=1",
+        "data.train_batch_size=8",
+        "roles.rollout.n=4",
+        "roles.trainer.ppo_mini_batch_size=4",
+        "trainer.total_steps=3",
+        "trainer.test_freq=3",
+        "trainer.save_freq=0",
+        "trainer.progress_bar=false",
+        "trainer.logger=[jsonl]",
+        f"trainer.output_dir={tmp_path}",
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        history = run(compose(config_name="config", overrides=overrides))
+    assert [m["weight_sync/version"] for m in history] == [1.0, 2.0, 3.0]
+    assert "val-core/arithmetic/acc/mean@1" in history[-1]  # the engine served again after every wake-up

@@ -106,10 +106,15 @@ def max_diff(a: list[float], b: list[float]) -> float:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def model_path(tmp_path_factory) -> str:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="module")
+def setup(model_path):
     from rlmesh.sync.collective_sync import CollectiveWeightSync
 
-    path = save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"))
+    path = model_path
     sender = ActorMesh(TinySender, 1, args=(path,), resources={"CPU": 0.25}, name="trainer")
     holder: dict[str, CollectiveWeightSync] = {}
     rollout = ActorMesh(
@@ -231,6 +236,62 @@ def test_the_object_store_transport_loads_through_the_same_path(setup):
     assert rollout.weight_version.all().result(timeout=30) == [8, 8]
 
 
+def test_an_fsdp2_trainer_mesh_syncs_what_it_trained_from_rank_0_or_from_each_colocated_rank(setup, model_path):
+    from rlmesh.config import OptimConfig
+    from rlmesh.data.batch import Batch
+    from rlmesh.roles.trainer import PolicyTrainer
+    from rlmesh.sync.collective_sync import CollectiveWeightSync
+    from tests.integration.roles_fixtures import actor_config, rollout_batch
+
+    sender, rollout, sync = setup
+    config = actor_config(model_path, strategy="fsdp2", optim=OptimConfig(lr=1e-2, grad_clip=1.0))
+    kwargs = {"rollout_n": 1, "total_training_steps": 4, "seed": 0, "device": "cpu"}
+    trainer = ActorMesh(PolicyTrainer, {"dp": 2}, args=(config,), kwargs=kwargs, resources={"CPU": 0.25}, name="fsdp")
+    probe = Batch.from_generations([PROMPT] * 2, [RESPONSE] * 2, pad_token_id=0, meta={"temperature": 1.0})
+
+    def train_a_step(seed: int) -> list[float]:
+        """One real update; returns the trainer's log-probs of the probe before and checks they moved."""
+        before = trainer.compute_logprobs.shard(probe).result(timeout=120)["old_logprobs"][0].tolist()
+        batch = rollout_batch(8, seed=seed)
+        batch["old_logprobs"] = trainer.compute_logprobs.shard(batch).result(timeout=120)["old_logprobs"]
+        trainer.update.shard(batch).result(timeout=120)
+        after = trainer.compute_logprobs.shard(probe).result(timeout=120)["old_logprobs"][0].tolist()
+        assert max_diff(after, before) > 1e-3  # a sync must carry this update, not the weights before it
+        return after
+
+    def check_engines_serve(trained: list[float], version: int) -> None:
+        assert rollout.weight_version.all().result(timeout=30) == [version, version]
+        for pos in range(rollout.size):
+            synced = rollout[pos].compute_logprobs_of.call_one(PROMPT, RESPONSE).result(timeout=60)
+            assert max_diff(synced, trained) < 1e-5, f"engine {pos}"
+
+    syncs = []
+    try:
+        # Both ranks gather every tensor in lockstep; rank 0 alone sends, to both engines.
+        syncs.append(CollectiveWeightSync(trainer, rollout, transport="gloo", bucket_mb=0.5, timeout_s=SYNC_TIMEOUT_S))
+        trained = train_a_step(seed=3)
+        assert syncs[-1].push(100)["weight_sync/buckets"] == 6
+        check_engines_serve(trained, 100)
+        # Colocated layout: rank i sends to engine i over a group of their own (cuda_ipc on a GPU, gloo here).
+        syncs.append(
+            CollectiveWeightSync(
+                trainer, rollout, transport="gloo", colocated=True, bucket_mb=0.5, timeout_s=SYNC_TIMEOUT_S
+            )
+        )
+        trained = train_a_step(seed=4)
+        syncs[-1].push(101)
+        check_engines_serve(trained, 101)
+        with pytest.raises(WeightSyncError, match="pairs trainer rank i with engine i"):
+            CollectiveWeightSync(trainer, rollout[0:1], colocated=True)
+    finally:
+        for sync_ in syncs:
+            sync_.close()
+        trainer.shutdown()
+    sync.push(sync.version)  # the module's sender takes the engines back for the tests below
+    reference = sender.logprobs_of.choose(PROMPT, RESPONSE).result(timeout=60)
+    assert max_diff(rollout[0].compute_logprobs_of.call_one(PROMPT, RESPONSE).result(60), reference) < 1e-5
+
+
 def test_a_sync_with_a_missing_receiver_fails_within_its_timeout(setup):
     from rlmesh.sync.collective_sync import CollectiveWeightSync
 
@@ -241,7 +302,7 @@ def test_a_sync_with_a_missing_receiver_fails_within_its_timeout(setup):
         group = lonely._group
         assert group is not None
         started = time.monotonic()
-        expected = r"weight-sync group 'lonely-0'.*timed out \(deadline 3s\)"
+        expected = r"weight-sync group 'lonely-[0-9a-f]{6}-0'.*timed out \(deadline 3s\)"
         with pytest.raises(ray.exceptions.RayTaskError, match=expected):
             sender.push_weights.all(group.name, lonely.plan, 99).result(timeout=60)  # no engine receives
         assert time.monotonic() - started < 15

@@ -118,6 +118,7 @@ class VLLMRollout:
         self._dtype = str(self._engine.model_config.dtype).removeprefix("torch.")
         self._weight_version = 0
         self._broken: str | None = None
+        self._asleep: set[str] = set()  # what sleep freed and wake_up has not yet brought back
         self._local_group: tuple[str, int] | None = None  # (name, plan fingerprint) for load_weights
         log.info("vLLM engine for %s ready in %.1fs", model.path, time.perf_counter() - started)
 
@@ -204,6 +205,8 @@ class VLLMRollout:
     def _check_serving(self) -> None:
         if self._broken is not None:
             raise EngineStateError(self._broken)
+        if self._asleep:
+            raise EngineStateError(f"this engine is asleep ({', '.join(sorted(self._asleep))} freed); wake_up first")
 
     # ------------------------------------------------------------ weights
 
@@ -238,6 +241,8 @@ class VLLMRollout:
     async def receive_weights(self, name: str, timeout_s: float) -> dict[str, float]:
         """Receive one sync over group `name` (one rpc per engine, given up after `timeout_s`), then reset the
         prefix cache and stamp the version the sender broadcast."""
+        if "weights" in self._asleep:
+            raise EngineStateError("this engine's weights are asleep; wake_up(['weights']) before a sync")
         try:
             results = await self._engine.collective_rpc("rlmesh_receive_weights", timeout=timeout_s, args=(name,))
         except Exception:
@@ -333,6 +338,7 @@ class VLLMRollout:
         if not getattr(self._config, "enable_sleep_mode", False):
             raise ValueError("sleep needs rollout.enable_sleep_mode=true (vLLM allocates its memory differently)")
         await self._engine.sleep(level)
+        self._asleep = {"weights", "kv_cache"}
         return True
 
     @endpoint
@@ -341,6 +347,7 @@ class VLLMRollout:
         if not self._device.startswith("cuda"):
             return False
         await self._engine.wake_up(tags)
+        self._asleep -= set(tags) if tags else self._asleep
         return True
 
     @endpoint

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 import rlmesh.train  # noqa: F401 - registers the schema and the rlmesh_asset resolver
 from rlmesh.config import RlmeshConfig
-from rlmesh.config_checks import ConfigError, RunPlan, check_cluster_resources, check_config
+from rlmesh.config_checks import ConfigError, RunPlan, check_cluster_resources, check_config, colocated_resources
 
 REPO = Path(__file__).resolve().parents[3]
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
@@ -120,3 +120,68 @@ def test_cluster_resource_shortage_is_reported_per_role():
     check_cluster_resources(plan, {"CPU": 6.0, "GPU": 1.0})
     with pytest.raises(ConfigError, match=r"GPU: need 1, cluster has 0.*rollout"):
         check_cluster_resources(plan, {"CPU": 8.0})
+
+
+GPU_RESOURCES = ("+roles.trainer.resources_per_device.GPU=1", "+roles.rollout.resources_per_engine.GPU=1")
+
+
+def test_gpu_roles_must_ask_ray_for_a_gpu():
+    with pytest.raises(ConfigError) as info:
+        check_config(load("trainer.device=cuda", "trainer.n_gpus=1"), gpus_available=1)
+    text = str(info.value)
+    assert (
+        "roles.trainer.resources_per_device={'CPU': 2.0}" in text
+        and "+roles.trainer.resources_per_device.GPU=1" in text
+    )
+    assert "roles.rollout.resources_per_engine" in text and "roles.reference" not in text  # GRPO has no reference
+    assert check_config(load("trainer.device=cuda", "trainer.n_gpus=1", *GPU_RESOURCES), gpus_available=1)
+
+
+def test_weight_sync_auto_resolves_per_device_backend_and_colocation():
+    assert check_config(load(), gpus_available=0).weight_sync == "gloo"
+    assert check_config(load("rollout=hf"), gpus_available=0).weight_sync == "object_store"
+    gpu = ("trainer.device=cuda", "trainer.n_gpus=1", *GPU_RESOURCES)
+    assert check_config(load(*gpu), gpus_available=1).weight_sync == "nccl"
+    colocated = check_config(load(*gpu, "roles.rollout.colocate_with_trainer=true"), gpus_available=1)
+    assert colocated.weight_sync == "cuda_ipc"
+    assert check_config(load("roles.rollout.weight_sync=object_store"), gpus_available=0).weight_sync == "object_store"
+
+
+def test_colocated_roles_are_counted_once_in_shared_bundles():
+    overrides = (
+        "roles.rollout.colocate_with_trainer=true",
+        "roles.trainer.resources_per_device.CPU=1",
+        "roles.rollout.resources_per_engine.CPU=2",
+        *GPU_RESOURCES,
+        "trainer.device=cuda",
+        "trainer.n_gpus=1",
+    )
+    plan = check_config(load(*overrides), gpus_available=1)
+    assert plan.resources["trainer"] == {"CPU": 3.0, "GPU": 1.0} and plan.resources["rollout"] == {}
+    assert colocated_resources({"CPU": 1, "GPU": 1}, {"CPU": 2, "GPU": 1}) == (
+        {"CPU": 3.0, "GPU": 1.0},
+        {"CPU": 1.0, "GPU": 0.5},
+        {"CPU": 2.0, "GPU": 0.5},
+    )
+    # fractions that fit one GPU are kept: the rest of that GPU stays free for, say, a reference model
+    assert colocated_resources({"CPU": 1, "GPU": 0.5}, {"CPU": 1, "GPU": 0.4})[0] == {"CPU": 2.0, "GPU": 0.9}
+    assert colocated_resources({"CPU": 1}, {"CPU": 0.5}) == ({"CPU": 1.5}, {"CPU": 1.0}, {"CPU": 0.5})
+
+
+def test_weight_sync_and_colocation_mistakes_are_named():
+    assert "unknown transport" in problems("roles.rollout.weight_sync=carrier_pigeon")
+    assert "nccl needs GPUs" in problems("roles.rollout.weight_sync=nccl")
+    assert "through the object store only" in problems("rollout=hf", "roles.rollout.weight_sync=gloo")
+    text = problems("roles.rollout.colocate_with_trainer=true", "roles.rollout.num_engines=2")
+    assert "roles.rollout.num_engines=2" in text and "set roles.rollout.num_engines=1" in text
+    assert "sleep mode is vLLM's, on GPUs only" in problems("roles.rollout.enable_sleep_mode=true")
+
+    def gpu_problems(*overrides: str) -> str:
+        with pytest.raises(ConfigError) as info:
+            check_config(load("trainer.device=cuda", "trainer.n_gpus=2", *GPU_RESOURCES, *overrides), gpus_available=2)
+        return str(info.value)
+
+    colocate = "roles.rollout.colocate_with_trainer=true"
+    assert "cuda_ipc shares GPU memory" in gpu_problems("roles.rollout.weight_sync=cuda_ipc")
+    assert "NCCL cannot connect two ranks on the same GPU" in gpu_problems(colocate, "roles.rollout.weight_sync=nccl")
+    assert "a colocated engine lives on one" in gpu_problems(colocate, "roles.rollout.tensor_parallel_size=2")
