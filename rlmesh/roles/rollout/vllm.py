@@ -343,11 +343,14 @@ class VLLMRollout:
 
     @endpoint
     async def wake_up(self, tags: list[str] | None = None) -> bool:
-        """Re-allocate what sleep freed (tags: 'weights', 'kv_cache'; all by default). False on CPU."""
+        """Re-allocate what sleep freed (tags: 'weights', 'kv_cache'; all by default). False on CPU. Waking what is
+        awake does nothing (after a resume, say, engines that never slept are synced through the same path)."""
         if not self._device.startswith("cuda"):
             return False
-        await self._engine.wake_up(tags)
-        self._asleep -= set(tags) if tags else self._asleep
+        asleep = [tag for tag in (tags or sorted(self._asleep)) if tag in self._asleep]
+        if asleep:
+            await self._engine.wake_up(asleep)
+            self._asleep -= set(asleep)
         return True
 
     @endpoint

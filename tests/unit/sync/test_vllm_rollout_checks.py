@@ -34,3 +34,44 @@ def test_engine_dtype_follows_the_trainer_unless_set():
     assert engine_dtype(RolloutConfig(), ModelConfig(path="m"), "cuda") == "bfloat16"
     assert engine_dtype(RolloutConfig(), ModelConfig(path="m", dtype="float16"), "cuda") == "float16"
     assert engine_dtype(RolloutConfig(dtype="float32"), ModelConfig(path="m", dtype="bfloat16"), "cuda") == "float32"
+
+
+class SleepyEngine:
+    """Stands in for AsyncLLM's sleep mode: records what it was asked to free and re-allocate."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    async def sleep(self, level: int) -> None:
+        self.calls.append(("sleep", level))
+
+    async def wake_up(self, tags: list[str] | None) -> None:
+        self.calls.append(("wake_up", tags))
+
+
+def test_a_sleeping_engine_refuses_work_and_wakes_only_what_sleeps():
+    import asyncio
+
+    from rlmesh.roles.rollout.vllm import EngineStateError
+
+    rollout = VLLMRollout.__new__(VLLMRollout)  # the sleep bookkeeping only: no engine is started
+    engine = SleepyEngine()
+    rollout._engine, rollout._device, rollout._broken, rollout._asleep = engine, "cuda", None, set()
+    rollout._config = RolloutConfig(enable_sleep_mode=True)
+    run = asyncio.run
+
+    assert run(rollout.wake_up(["weights"])) and engine.calls == []  # awake: nothing to re-allocate
+    assert run(rollout.sleep(1))
+    with pytest.raises(EngineStateError, match=r"asleep \(kv_cache, weights freed\); wake_up first"):
+        rollout._check_serving()
+    with pytest.raises(EngineStateError, match=r"wake_up\(\['weights'\]\) before a sync"):
+        run(rollout.receive_weights("weights-0", 1.0))
+    assert run(rollout.wake_up(["weights"]))
+    with pytest.raises(EngineStateError, match=r"asleep \(kv_cache freed\)"):
+        rollout._check_serving()
+    assert run(rollout.wake_up())
+    rollout._check_serving()
+    assert engine.calls == [("sleep", 1), ("wake_up", ["weights"]), ("wake_up", ["kv_cache"])]
+
+    rollout._device = "cpu"  # vLLM has no sleep mode on CPU
+    assert not run(rollout.sleep(1)) and not run(rollout.wake_up())
