@@ -93,11 +93,11 @@ class DirectEngine:
         del engine  # collected now, not at interpreter exit where vLLM's __del__ fails noisily
 
 
-def start_mesh(args: argparse.Namespace, engines: int, router: str) -> Any:
+def start_mesh(args: argparse.Namespace, engines: int, router: str, cpus: float = 2) -> Any:
     from rlmesh.mesh import ActorMesh
     from rlmesh.roles.rollout.vllm import VLLMRollout
 
-    resources: dict[str, float] = {"CPU": 2}  # as the default recipe: Ray sets OMP_NUM_THREADS from it
+    resources: dict[str, float] = {"CPU": cpus}  # Ray sets the engine's OMP_NUM_THREADS from it
     if args.device == "cuda":
         resources["GPU"] = 1
     return ActorMesh(
@@ -185,7 +185,7 @@ def main() -> None:
         f"median of {args.repeats} alternating runs"
     )
     direct = DirectEngine(args)
-    one_engine = start_mesh(args, 1, "power_of_two")
+    one_engine = start_mesh(args, 1, "power_of_two")  # 2 CPUs, as the default recipe gives its engine
     try:
         first = alternate(
             {
@@ -204,7 +204,8 @@ def main() -> None:
     print(f"mesh / direct (target >= 0.9): {mesh_rate / direct_rate:.3f}")
 
     if not args.skip_routers:
-        meshes = {router: start_mesh(args, 2, router) for router in ("power_of_two", "random")}
+        # One CPU per engine: each engine's threads get a core of their own (see _bind_cpu_threads).
+        meshes = {router: start_mesh(args, 2, router, cpus=1) for router in ("power_of_two", "random")}
         try:
             second = alternate(
                 {
