@@ -112,10 +112,12 @@ class RLLoop:
     def rollout_batch(self, step: int, metrics: dict[str, float]) -> Batch:
         """n samples per prompt; with DAPO's dynamic sampling, keep drawing prompts until enough groups have
         reward variance (groups where every sample scored the same carry no GRPO signal)."""
-        prompts = self.train_prompts.next_batch()
-        with timed(metrics, "gen"):
-            batch = self.generate(prompts, self.n, self.cfg.roles.rollout.sampling, step)
+        prompts, sampling = self.train_prompts.next_batch(), self.cfg.roles.rollout.sampling
         dynamic = self.cfg.algorithm.dynamic_sampling
+        # Dynamic sampling concatenates several draws, so every draw is padded to the same, maximal widths.
+        widths = dynamic["enable"]
+        with timed(metrics, "gen"):
+            batch = self.generate(prompts, self.n, sampling, step, fixed_widths=widths)
         if not dynamic["enable"]:
             return batch
         wanted, kept, flat, draws = len(prompts) * self.n, [], [], 0
@@ -129,7 +131,7 @@ class RLLoop:
             if sum(len(b) for b in kept) >= wanted or draws >= dynamic["max_num_gen_batches"]:
                 break
             with timed(metrics, "gen"):
-                batch = self.generate(self.train_prompts.next_batch(), self.n, self.cfg.roles.rollout.sampling, step)
+                batch = self.generate(self.train_prompts.next_batch(), self.n, sampling, step, fixed_widths=widths)
         result = Batch.concat(kept)
         metrics["dynamic_sampling/gen_batches"] = float(draws)
         metrics["dynamic_sampling/kept_groups"] = float(min(len(result), wanted) // self.n)
@@ -141,8 +143,12 @@ class RLLoop:
             result = Batch.concat([result, *flat])
         return result[:wanted]
 
-    def generate(self, prompts: list[PromptRow], n: int, sampling: SamplingConfig, step: int) -> Batch:
-        """One routed request per prompt; the engines batch them continuously. Token ids in, token ids out."""
+    def generate(
+        self, prompts: list[PromptRow], n: int, sampling: SamplingConfig, step: int, fixed_widths: bool = False
+    ) -> Batch:
+        """One routed request per prompt; the engines batch them continuously. Token ids in, token ids out.
+        Tensors are as wide as the longest prompt and response, or with `fixed_widths` as wide as the longest allowed
+        (data.max_prompt_length, sampling.max_tokens)."""
         base = sampling.seed if sampling.seed is not None else self.cfg.trainer.seed
         seeds = [sampling_seed(base, step, p["index"]) for p in prompts]
         futures = [
@@ -157,6 +163,8 @@ class RLLoop:
             [s.response_ids for s in samples],
             [s.logprobs for s in samples],
             pad_token_id=self.pad_token_id,
+            prompt_length=self.cfg.data.max_prompt_length if fixed_widths else None,
+            response_length=sampling.max_tokens if fixed_widths else None,
             non_tensors={
                 "data_source": [r["data_source"] for r in rows],
                 "ground_truth": [r["ground_truth"] for r in rows],
