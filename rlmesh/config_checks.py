@@ -200,7 +200,8 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
 
     if device == "cuda":  # an actor that asks for no GPU sees none (Ray hides the others)
         gpu_roles = [("roles.trainer.resources_per_device", actor.resources_per_device)]
-        gpu_roles.append(("roles.rollout.resources_per_engine", rollout.resources_per_engine))
+        if rollout.tensor_parallel_size == 1:  # with tp > 1, vLLM's ray executor reserves the engine's GPUs itself
+            gpu_roles.append(("roles.rollout.resources_per_engine", rollout.resources_per_engine))
         if use_critic:
             gpu_roles.append(("roles.critic.resources_per_device", critic.resources_per_device))
         if use_reference:
@@ -222,6 +223,8 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
         "rollout": _times(rollout.resources_per_engine, rollout.num_engines),
         "reward": _times(roles.reward.resources_per_actor, roles.reward.num_actors),
     }
+    if rollout.tensor_parallel_size > 1:  # the GPUs of vLLM's tensor-parallel workers, beside the engine actors
+        resources["rollout_workers"] = {"GPU": float(rollout.tensor_parallel_size * rollout.num_engines)}
     if use_critic:
         resources["critic"] = _times(critic.resources_per_device, critic.dp_size)
     if use_reference:

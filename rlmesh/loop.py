@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -208,9 +209,13 @@ class RLLoop:
             return self.roles.weight_sync.push(version=version)
         self.roles.rollout.wake_up.all(["weights"]).result()
         try:
-            return self.roles.weight_sync.push(version=version)
-        finally:
-            self.roles.rollout.wake_up.all(["kv_cache"]).result()
+            metrics = self.roles.weight_sync.push(version=version)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the sync's error says more than a wake-up that failed after it
+                self.roles.rollout.wake_up.all(["kv_cache"]).result()
+            raise
+        self.roles.rollout.wake_up.all(["kv_cache"]).result()
+        return metrics
 
     @staticmethod
     def wait_timed(future: MeshFuture[Any], name: str, issued: float, metrics: dict[str, float]) -> Any:

@@ -51,8 +51,9 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
     train_prompts, val_prompts = build_prompts(typed, tokenizer)
     total_steps = typed.trainer.total_steps or typed.trainer.total_epochs * len(train_prompts)
 
-    started_ray = start_ray(typed, plan)
-    release = contextlib.ExitStack()  # meshes and placements, released last-made first
+    release = contextlib.ExitStack()  # Ray (if we start it), placements and meshes, released last-made first
+    if start_ray(typed, plan):
+        release.callback(ray.shutdown)
     try:
         check_cluster_resources(plan, ray.cluster_resources())
         roles = build_roles(typed, plan, total_steps, release)
@@ -71,9 +72,7 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
             log.info("learning curves: %s", png)
         return history
     finally:
-        release.close()
-        if started_ray:
-            ray.shutdown()
+        release.close()  # every callback runs, even after one fails
 
 
 def build_prompts(cfg: RlmeshConfig, tokenizer: Any) -> tuple[Any, list[Any]]:
@@ -201,18 +200,21 @@ def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, release: con
             kwargs = {"device": device, **kwargs}
         return ActorMesh(cls, kwargs=kwargs, name=name, placement_timeout_s=cluster_timeout, **mesh_options)
 
+    # Colocated engines start after the trainer has its GPU memory: vLLM sizes its cache from what it finds free.
+    waves = [["trainer"], [n for n in specs if n != "trainer"]] if shared else [list(specs)]
+    built: dict[str, ActorMesh[Any]] = {}
     with ThreadPoolExecutor(len(specs)) as pool:
-        futures = {name: pool.submit(start, name) for name in specs}
-        built: dict[str, ActorMesh[Any]] = {}
-        errors = []
-        for name, future in futures.items():
-            try:
-                built[name] = future.result()
-                release.callback(built[name].shutdown)
-            except Exception as err:
-                errors.append(f"{name}: {err}")
-        if errors:
-            raise RuntimeError("role meshes failed to start:\n" + "\n".join(errors))
+        for wave in waves:
+            futures = {name: pool.submit(start, name) for name in wave}
+            errors = []
+            for name, future in futures.items():
+                try:
+                    built[name] = future.result()
+                    release.callback(built[name].shutdown)
+                except Exception as err:
+                    errors.append(f"{name}: {err}")
+            if errors:
+                raise RuntimeError("role meshes failed to start:\n" + "\n".join(errors))
 
     weight_sync = make_weight_sync(cfg, plan.weight_sync, built["trainer"], built["rollout"])
     restart_hooks.append(weight_sync.on_rollout_restart)

@@ -212,6 +212,7 @@ class CollectiveWeightSync:
         try:
             addresses = ray.get(stores, timeout=self.timeout_s)
         except Exception as err:
+            self._leave_senders(group)  # drops the stores that did open
             raise WeightSyncError(f"weight-sync group '{name}': a sender could not host its store: {err}") from err
         backend = process_group_backend(self.transport)
         plan_json = self.plan.to_json()
@@ -276,7 +277,9 @@ class CollectiveWeightSync:
                 f"{self.plan.total_bytes / 1e6:.1f} MB) failed after {seconds:.1f}s (timeout {self.timeout_s:.0f}s): "
                 + "; ".join(problems)
             )
-        sent = values[0]
+        sent = max(
+            values[: len(sender.refs)], key=lambda stats: stats["bytes"]
+        )  # a rank that sent, not one that only iterated
         loads = values[len(sender.refs) :]
         return {
             "timing_s/sync_transfer": seconds,

@@ -72,6 +72,10 @@ def send_weights(
         sender.finish()
     except BaseException:
         sender.abort()
+        # The other trainer ranks gather these tensors with this one (FSDP2): run the iterator to its end, or they
+        # would wait in the next gather until the trainer's own timeout.
+        for _ in named_tensors:
+            pass
         raise
     return {
         "bytes": float(plan.total_bytes),

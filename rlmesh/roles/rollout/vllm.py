@@ -337,8 +337,8 @@ class VLLMRollout:
             return False
         if not getattr(self._config, "enable_sleep_mode", False):
             raise ValueError("sleep needs rollout.enable_sleep_mode=true (vLLM allocates its memory differently)")
+        self._asleep = {"weights", "kv_cache"}  # before the await: a request arriving meanwhile is refused
         await self._engine.sleep(level)
-        self._asleep = {"weights", "kv_cache"}
         return True
 
     @endpoint
@@ -347,7 +347,7 @@ class VLLMRollout:
         awake does nothing (after a resume, say, engines that never slept are synced through the same path)."""
         if not self._device.startswith("cuda"):
             return False
-        asleep = [tag for tag in (tags or sorted(self._asleep)) if tag in self._asleep]
+        asleep = [tag for tag in (sorted(self._asleep) if tags is None else tags) if tag in self._asleep]
         if asleep:
             await self._engine.wake_up(asleep)
             self._asleep -= set(asleep)

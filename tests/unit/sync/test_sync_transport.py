@@ -117,6 +117,22 @@ def test_a_missing_receiver_fails_the_sender_within_the_timeout_naming_the_group
     assert time.monotonic() - started < 10
 
 
+def test_a_failed_sender_still_runs_its_tensors_to_the_end_for_ranks_gathering_with_it():
+    tensors = {f"w{i}": torch.randn(300) for i in range(4)}
+    plan = SyncPlan.build(tensor_specs(tensors.items()), bucket_bytes=1024)
+    groups = gloo_group(2, timeout_s=1)
+    produced = []
+
+    def gathered():  # FSDP2's iterator: each tensor is an all-gather that the other ranks join too
+        for name, tensor in tensors.items():
+            produced.append(name)
+            yield name, tensor
+
+    with pytest.raises(WeightSyncError):  # nobody receives
+        send_weights(gathered(), plan, groups[0], version=1)
+    assert produced == list(tensors)
+
+
 def test_a_sender_yielding_fewer_tensors_than_planned_is_an_error():
     plan = SyncPlan.build([("a", "float32", (4,)), ("b", "float32", (4,))], bucket_bytes=64)
     groups = gloo_group(2, timeout_s=1)

@@ -66,6 +66,7 @@ def test_a_sleeping_engine_refuses_work_and_wakes_only_what_sleeps():
         rollout._check_serving()
     with pytest.raises(EngineStateError, match=r"wake_up\(\['weights'\]\) before a sync"):
         run(rollout.receive_weights("weights-0", 1.0))
+    assert run(rollout.wake_up([])) and len(engine.calls) == 1  # no tags: nothing to wake
     assert run(rollout.wake_up(["weights"]))
     with pytest.raises(EngineStateError, match=r"asleep \(kv_cache freed\)"):
         rollout._check_serving()
