@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlmesh.config import RlmeshConfig
 from rlmesh.config_checks import RunPlan, check_cluster_resources, check_config, colocated_resources
 from rlmesh.loop import RLLoop, Roles
-from rlmesh.mesh import ActorMesh, Placement
+from rlmesh.mesh import ActorMesh, Placement, PlacementError
 
 log = logging.getLogger("rlmesh")
 
@@ -193,6 +193,19 @@ def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, release: con
                 device=device,
             ),
         )
+
+    # Reserve every role's bundles one role after another, largest GPU share first: made concurrently, small
+    # fractional bundles (a reference's 0.1 GPU) could land where a larger one (a critic's 0.2) was still to go.
+    for name in sorted(specs, key=lambda n: -float(specs[n][1]["resources"].get("GPU", 0.0))):
+        options = specs[name][1]
+        if "placement" not in options:
+            size = math.prod(options["shape"].values())
+            try:
+                reserved = Placement.create(size, options["resources"], timeout_s=cluster_timeout)
+            except PlacementError as err:
+                raise PlacementError(f"role '{name}': {err}") from err
+            release.callback(reserved.remove)
+            options["placement"] = reserved
 
     def start(name: str) -> ActorMesh[Any]:
         cls, mesh_options, kwargs = specs[name]
