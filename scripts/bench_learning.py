@@ -34,6 +34,7 @@ def train(backend: str, seed: int, steps: int, test_freq: int, val_size: int, ex
         f"trainer.total_steps={steps}",
         f"trainer.test_freq={test_freq}",
         f"data.val_size={val_size}",
+        "trainer.val_before_train=true",  # "val before" below is this evaluation, whatever the recipe says
         "trainer.save_freq=0",
         "trainer.progress_bar=false",
         "trainer.logger=[jsonl]",

@@ -120,13 +120,6 @@ def mesh_tokens_per_s(rollout: Any, prompts: list[list[int]], n: int, sampling: 
     return tokens / (time.perf_counter() - started)
 
 
-def close_mesh(rollout: Any) -> None:
-    import ray
-
-    ray.wait([a.close_engine.remote() for a in rollout.actors], timeout=60)
-    rollout.shutdown()
-
-
 def alternate(runs: dict[str, Any], repeats: int) -> dict[str, list[float]]:
     """Run each setup in turn, `repeats` + 1 rounds, dropping the first (warm-up): load on a shared machine drifts,
     and alternating spreads that drift over every setup alike."""
@@ -173,6 +166,8 @@ def main() -> None:
 
     import ray
 
+    from rlmesh.roles.rollout.vllm import close_engines
+
     ray.init(
         num_cpus=16,  # logical: four engines are alive at once in the router comparison, taking turns on the cores
         include_dashboard=False,
@@ -198,7 +193,7 @@ def main() -> None:
         )
     finally:
         direct.close()
-        close_mesh(one_engine)
+        close_engines(one_engine)
     report(header, first)
     direct_rate, mesh_rate = (statistics.median(rates) for rates in first.values())
     print(f"mesh / direct (target >= 0.9): {mesh_rate / direct_rate:.3f}")
@@ -218,7 +213,7 @@ def main() -> None:
             )
         finally:
             for mesh in meshes.values():
-                close_mesh(mesh)
+                close_engines(mesh)
         report(header, second)
         p2c, rnd = (statistics.median(rates) for rates in second.values())
         print(f"power_of_two / random: {p2c / rnd:.3f}")

@@ -240,7 +240,7 @@ def run_engine(repeats: int) -> dict[str, Any]:
     """A real vLLM engine (CPU or GPU) on the tiny test model: the whole push, and the load inside the engine."""
     from rlmesh.config import ModelConfig, RolloutConfig
     from rlmesh.models.tiny import build_char_tokenizer, build_tiny_qwen2, save_tiny_model
-    from rlmesh.roles.rollout.vllm import VLLMRollout
+    from rlmesh.roles.rollout.vllm import VLLMRollout, close_engines
     from rlmesh.sync.collective_sync import CollectiveWeightSync
 
     folder = Path(tempfile.mkdtemp(prefix="bench-sync-tiny-"))
@@ -263,8 +263,7 @@ def run_engine(repeats: int) -> dict[str, Any]:
         runs = [sync.push(version) for version in range(1, repeats + 2)][1:]
     finally:
         sync.close()
-        ray_wait_close(rollout)
-        rollout.shutdown()
+        close_engines(rollout)
         sender.shutdown()
     return {
         "case": "tiny, real vLLM engine",
@@ -273,12 +272,6 @@ def run_engine(repeats: int) -> dict[str, Any]:
         "engine_load_s": statistics.median(r["weight_sync/load_s_max"] for r in runs),
         "MB": runs[0]["weight_sync/bytes"] / 1e6,
     }
-
-
-def ray_wait_close(rollout: Any) -> None:
-    import ray
-
-    ray.wait([a.close_engine.remote() for a in rollout.actors], timeout=60)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # Enough logical CPUs for every actor the suite creates at once; fractional per-actor requests keep this honest.
@@ -31,3 +32,11 @@ def ray_cluster() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The project's Hydra config (configs/config.yaml) with `overrides`, as `python -m rlmesh.train` composes it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))

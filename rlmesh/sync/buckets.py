@@ -25,8 +25,8 @@ def _kept() -> dict[tuple[str, int], torch.Tensor]:
 
 def allocate_buffers(nbytes: int, count: int, device: torch.device | str) -> list[torch.Tensor]:
     """`count` flat uint8 buffers of at least `nbytes`: two for double buffering (pack or load one while the other
-    travels), one when a sync has a single bucket. CPU buffers are reused by the next sync (release_buffers frees
-    them)."""
+    travels), one when a sync has a single bucket. CPU buffers are kept per thread and reused by the next
+    sync."""
     device = torch.device(device)
     if device.type != "cpu":
         return [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(count)]
@@ -37,11 +37,6 @@ def allocate_buffers(nbytes: int, count: int, device: torch.device | str) -> lis
             kept = _kept()[(str(device), index)] = torch.empty(nbytes, dtype=torch.uint8, device=device)
         buffers.append(kept[:nbytes])
     return buffers
-
-
-def release_buffers() -> None:
-    """Free the CPU bucket buffers this thread kept between syncs."""
-    _kept().clear()
 
 
 def slot_view(buffer: torch.Tensor, slot: TensorSlot) -> torch.Tensor:

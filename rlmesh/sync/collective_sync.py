@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import threading
 import time
@@ -16,8 +15,9 @@ from typing import Any
 import ray
 
 from rlmesh.mesh import ActorMesh
-from rlmesh.sync.manifest import SyncPlan
+from rlmesh.sync.manifest import TRANSPORTS, SyncPlan
 from rlmesh.sync.transports import WeightSyncError, process_group_backend
+from rlmesh.sync.vllm_worker import join_request
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,11 @@ _REPLY_MARGIN_S = 10.0
 # whole sync (a member that never answers at all) also allows the bytes time to move at this floor, far below any
 # link measured (gloo on loopback moved 2.8-5.6 GB/s here), so a large model's sync is never cut short.
 _SLOWEST_BYTES_PER_S = 50e6
+
+
+def sync_backstop_s(timeout_s: float, total_bytes: int) -> float:
+    """How long to wait for a whole sync of `total_bytes` before giving up on a member that never answers."""
+    return timeout_s + total_bytes / _SLOWEST_BYTES_PER_S
 
 
 @dataclass
@@ -75,14 +80,12 @@ class CollectiveWeightSync:
         name: str = "weights",
         colocated: bool = False,
         wire_dtype: str | None = "engine",
-        specs_endpoint: str = "weight_specs",
-        send_endpoint: str = "push_weights",
     ) -> None:
         """wire_dtype: 'engine' casts floating tensors to the engine's dtype on the sender (fewer bytes when the
         trainer keeps float32 and the engine serves bfloat16); None sends each tensor in its own dtype."""
-        if transport not in ("gloo", "nccl", "cuda_ipc"):
+        if transport not in TRANSPORTS:
             raise ValueError(f"weight-sync transport {transport!r} is unknown; use gloo, nccl or cuda_ipc")
-        for endpoint_name in (specs_endpoint, send_endpoint):
+        for endpoint_name in ("weight_specs", "push_weights"):
             if not hasattr(trainer, endpoint_name):
                 raise WeightSyncError(
                     f"trainer mesh '{trainer.name}' has no endpoint {endpoint_name!r}, which the {transport} weight "
@@ -101,7 +104,6 @@ class CollectiveWeightSync:
         # Engines keep a group per name, and several syncs may reach the same engines: names must never collide.
         self.name = f"{name}-{uuid.uuid4().hex[:6]}"
         self.wire_dtype = wire_dtype
-        self.specs_endpoint, self.send_endpoint = specs_endpoint, send_endpoint
         self.plan: SyncPlan | None = None
         self.version: int | None = None  # the version every live engine serves, after the last successful push
         self._held: int | None = None  # the version of the last push attempted: what the trainer holds now
@@ -119,7 +121,7 @@ class CollectiveWeightSync:
         with self._lock:
             deadline = self.timeout_s + _REPLY_MARGIN_S
             rank0 = self.trainer.actors[0]
-            specs = ray.get(getattr(rank0, self.specs_endpoint).remote(), timeout=deadline)
+            specs = ray.get(rank0.weight_specs.remote(), timeout=deadline)
             infos = self.rollout.engine_info.all().result(timeout=deadline)
             dtypes = {info["dtype"] for info in infos}
             ties = {info["tie_word_embeddings"] for info in infos}
@@ -224,17 +226,8 @@ class CollectiveWeightSync:
             who.append(f"{self.trainer.name} rank {link.sender} (sender)")
             first_rank = 1
             for pos in link.positions:
-                request = {
-                    "name": name,
-                    "transport": self.transport,
-                    "addr": addr,
-                    "port": port,
-                    "first_rank": first_rank,
-                    "world_size": world,
-                    "timeout_s": self.timeout_s,
-                    "plan": plan_json,
-                }
-                refs.append(self.rollout[pos].join_weight_group.call_one(json.dumps(request)).refs[0])
+                request = join_request(name, self.transport, addr, port, first_rank, world, self.timeout_s, plan_json)
+                refs.append(self.rollout[pos].join_weight_group.call_one(request).refs[0])
                 last_rank = first_rank + self._workers[pos] - 1
                 who.append(f"{self.rollout.name} engine {pos} (ranks {first_rank}..{last_rank})")
                 first_rank = last_rank + 1
@@ -250,8 +243,8 @@ class CollectiveWeightSync:
     def _push(self, group: _Group, version: int) -> dict[str, float]:
         assert self.plan is not None
         started = time.perf_counter()
-        backstop = self.timeout_s + _REPLY_MARGIN_S + self.plan.total_bytes / _SLOWEST_BYTES_PER_S
-        sender = getattr(self.trainer, self.send_endpoint).all(group.name, self.plan, version)
+        backstop = sync_backstop_s(self.timeout_s + _REPLY_MARGIN_S, self.plan.total_bytes)
+        sender = self.trainer.push_weights.all(group.name, self.plan, version)
         receivers = [self.rollout[pos].receive_weights.call_one(group.name, backstop) for pos in group.positions]
         refs = [*sender.refs, *(r.refs[0] for r in receivers)]
         who = [f"{self.trainer.name} rank {i}" for i in range(len(sender.refs))]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -109,7 +111,7 @@ class SyncPlan:
             raise ValueError(f"weight-sync transport {transport!r} is unknown; use one of {TRANSPORTS}")
         wire = None if wire_dtype is None else dtype_name(wire_dtype)
         names = [hf_name(name) for name, _, _ in specs]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
         if duplicates:
             raise ValueError(f"several sender tensors map to the same Hugging Face name(s) {duplicates}")
         skipped: list[str] = []
@@ -157,15 +159,19 @@ class SyncPlan:
         return max(self.bucket_sizes)
 
     def bucket(self, index: int) -> list[TensorSlot]:
-        return [slot for slot in self.slots if slot.bucket == index]
+        return self.buckets()[index]
 
     def buckets(self) -> list[list[TensorSlot]]:
+        return self._grouped
+
+    @cached_property
+    def _grouped(self) -> list[list[TensorSlot]]:  # a plan never changes: group its slots once
         grouped: list[list[TensorSlot]] = [[] for _ in self.bucket_sizes]
         for slot in self.slots:
             grouped[slot.bucket].append(slot)
         return grouped
 
-    @property
+    @cached_property
     def fingerprint(self) -> int:
         """A 62-bit digest of the plan; the sender broadcasts it so receivers holding another plan fail at once."""
         digest = hashlib.blake2b(self.to_json().encode(), digest_size=8).digest()

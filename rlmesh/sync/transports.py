@@ -10,7 +10,6 @@ One sync, as every member sees it:
 from __future__ import annotations
 
 import contextlib
-import datetime
 import pickle
 from collections.abc import Iterator
 from typing import Any
@@ -317,7 +316,3 @@ def _local_index_of(uuid: str, group: GroupHandle) -> int:
             f"(it sees {visible}); cuda_ipc needs the trainer and the engine on the same GPU, use nccl otherwise"
         )
     return visible.index(uuid)
-
-
-def timeout_of(seconds: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=seconds)

@@ -23,16 +23,13 @@ class InPlaceLoader:
     def __init__(self, model: torch.nn.Module, repack: bool) -> None:
         self.model = model
         self.repack = repack
-        self.loaded_names: set[str] = set()
 
     def begin(self) -> int:
         """CPU: give emptied linear layers unpacked weight Parameters again; returns how many were restored."""
         return restore_unpacked_weights(self.model) if self.repack else 0
 
     def load(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        loaded = self.model.load_weights(named_tensors)  # type: ignore[operator]
-        if loaded:
-            self.loaded_names.update(loaded)
+        self.model.load_weights(named_tensors)  # type: ignore[operator]
 
     def finish(self) -> int:
         """CPU: pack the new weights (oneDNN handles, tied lm_head included); returns how many layers were packed."""

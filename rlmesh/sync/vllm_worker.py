@@ -17,6 +17,25 @@ from rlmesh.sync.vllm_load import InPlaceLoader
 WORKER_EXTENSION = "rlmesh.sync.vllm_worker.WeightSyncWorker"
 
 
+def join_request(
+    name: str, transport: str, addr: str, port: int, first_rank: int, world_size: int, timeout_s: float, plan: str
+) -> str:
+    """What an engine's workers join a weight-sync group with (`rlmesh_join_weight_group`), as JSON: it crosses
+    vLLM's collective_rpc unchanged. `plan` is SyncPlan.to_json()."""
+    return json.dumps(
+        {
+            "name": name,
+            "transport": transport,
+            "addr": addr,
+            "port": port,
+            "first_rank": first_rank,
+            "world_size": world_size,
+            "timeout_s": timeout_s,
+            "plan": plan,
+        }
+    )
+
+
 class WeightSyncWorker:
     """Mixed into every vLLM worker of an engine; the rollout actor calls these through `collective_rpc`.
 

@@ -7,10 +7,9 @@ import statistics
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from rlmesh.train import run
-from tests.conftest import REPO
+from tests.conftest import compose_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -33,8 +32,7 @@ def reward_rise(rollout: str, output_dir: Path) -> tuple[float, float]:
         "trainer.logger=[jsonl]",
         f"trainer.output_dir={output_dir}",
     ]
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        history = run(compose(config_name="config", overrides=overrides))
+    history = run(compose_config(*overrides))
     scores = [m["critic/score/mean"] for m in history]
     return statistics.mean(scores[:10]), statistics.mean(scores[-10:])
 

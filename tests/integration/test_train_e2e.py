@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from rlmesh.config_checks import check_config
 from rlmesh.train import build_roles, run
-from tests.conftest import REPO
+from tests.conftest import REPO, compose_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -37,8 +36,7 @@ NOT_REPRODUCIBLE = ("timing_s/", "perf/", "sync/")
 
 
 def config(tmp_path: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose(config_name="config", overrides=[*SMALL, f"trainer.output_dir={tmp_path}", *overrides])
+    return compose_config(*SMALL, f"trainer.output_dir={tmp_path}", *overrides)
 
 
 def read_metrics(run_dir: Path) -> dict[int, dict[str, float]]:

@@ -13,9 +13,9 @@ import torch
 
 from rlmesh.config import ModelConfig, SamplingConfig
 from rlmesh.mesh import ActorMesh
-from rlmesh.roles.rollout.vllm import VLLMRollout
+from rlmesh.roles.rollout.vllm import VLLMRollout, close_engines
 from rlmesh.sync.collective_sync import CollectiveWeightSync
-from tests.integration.test_vllm_sync import PROMPT, RESPONSE, TinySender, max_diff, rollout_config, save_tiny_model
+from tests.integration.vllm_fixtures import PROMPT, RESPONSE, TinySender, max_diff, rollout_config, save_tiny_model
 
 pytest.importorskip("vllm", reason="needs vLLM: pip install rlmesh[gpu] (vllm==0.32.0)")
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -55,8 +55,9 @@ def start(model_path: str, sender_gpu: float, engine_gpu: float, **config: Any) 
 def stop(*meshes: ActorMesh[Any]) -> None:
     for mesh in meshes:
         if mesh.name == "rollout":
-            ray.wait([a.close_engine.remote() for a in mesh.actors], timeout=60)
-        mesh.shutdown()
+            close_engines(mesh)
+        else:
+            mesh.shutdown()
 
 
 def check_sync_lands(sender: ActorMesh[Any], rollout: ActorMesh[Any], sync: CollectiveWeightSync, version: int) -> None:
@@ -111,10 +112,8 @@ def test_cuda_ipc_sync_on_one_shared_gpu_around_sleep_and_wake(model_path):
 
 
 def test_a_colocated_grpo_run_sleeps_its_engine_and_syncs_over_cuda_ipc(tmp_path):
-    from hydra import compose, initialize_config_dir
-
     from rlmesh.train import run
-    from tests.conftest import REPO
+    from tests.conftest import compose_config
 
     overrides = [
         "trainer.device=cuda",
@@ -133,7 +132,6 @@ def test_a_colocated_grpo_run_sleeps_its_engine_and_syncs_over_cuda_ipc(tmp_path
         "trainer.logger=[jsonl]",
         f"trainer.output_dir={tmp_path}",
     ]
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        history = run(compose(config_name="config", overrides=overrides))
+    history = run(compose_config(*overrides))
     assert [m["weight_sync/version"] for m in history] == [1.0, 2.0, 3.0]
     assert "val-core/arithmetic/acc/mean@1" in history[-1]  # the engine served again after every wake-up

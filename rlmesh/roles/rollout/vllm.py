@@ -276,6 +276,7 @@ class VLLMRollout:
         read from Ray's object store, and go on to the engine's workers over a gloo group local to this actor,
         through the same bucketed path and in-place load as a collective sync (tensors cannot travel by rpc)."""
         from rlmesh.mesh import collective
+        from rlmesh.sync.collective_sync import sync_backstop_s
         from rlmesh.sync.manifest import SyncPlan, tensor_specs
         from rlmesh.sync.sender import send_weights
 
@@ -288,7 +289,7 @@ class VLLMRollout:
         )
         name = await self._local_weight_group(plan)
         timeout_s = float(self._config.sync_timeout_s)
-        backstop = timeout_s + plan.total_bytes / 50e6  # as CollectiveWeightSync's backstop
+        backstop = sync_backstop_s(timeout_s, plan.total_bytes)
         send = asyncio.to_thread(send_weights, weights.items(), plan, collective.get_group(name), version=version)
         await asyncio.gather(send, self.receive_weights(name, backstop))
 
@@ -296,6 +297,7 @@ class VLLMRollout:
         """A gloo group of this actor (rank 0) and the engine's workers, formed for `plan` and kept while the
         weights keep that layout."""
         from rlmesh.mesh import collective
+        from rlmesh.sync.vllm_worker import join_request
 
         if self._local_group is not None and self._local_group[1] == plan.fingerprint:
             return self._local_group[0]
@@ -306,19 +308,10 @@ class VLLMRollout:
         workers = len(await self._engine.collective_rpc("rlmesh_device_info"))
         timeout_s = float(self._config.sync_timeout_s)
         addr, port = collective._open_store(name, 1 + workers, timeout_s)
-        request = {
-            "name": name,
-            "transport": "gloo",
-            "addr": addr,
-            "port": port,
-            "first_rank": 1,
-            "world_size": 1 + workers,
-            "timeout_s": timeout_s,
-            "plan": plan.to_json(),
-        }
+        request = join_request(name, "gloo", addr, port, 1, 1 + workers, timeout_s, plan.to_json())
         await asyncio.gather(
             asyncio.to_thread(collective._join, name, "gloo", addr, port, 0, 1 + workers, timeout_s),
-            self.join_weight_group(json.dumps(request)),
+            self.join_weight_group(request),
         )
         self._local_group = (name, plan.fingerprint)
         return name
@@ -357,6 +350,16 @@ class VLLMRollout:
     def close_engine(self) -> None:
         """Shut the engine's processes down; the mesh's shutdown kills the actor, and vLLM's children follow."""
         self._engine.shutdown()
+
+
+def close_engines(rollout: Any, timeout_s: float = 60.0) -> None:
+    """Shut every engine of a VLLMRollout mesh down, waiting for all of them (their processes exit with them),
+    then the mesh's actors."""
+    import ray
+
+    closing = [actor.close_engine.remote() for actor in rollout.actors]
+    ray.wait(closing, num_returns=len(closing), timeout=timeout_s)
+    rollout.shutdown()
 
 
 def _logprob_of(step: Any, token: int) -> float:

@@ -5,21 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import rlmesh.train  # noqa: F401 - registers the schema and the rlmesh_asset resolver
 from rlmesh.config import RlmeshConfig
 from rlmesh.config_checks import ConfigError, RunPlan, check_cluster_resources, check_config, colocated_resources
+from tests.conftest import REPO, compose_config
 
-REPO = Path(__file__).resolve().parents[3]
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 
 
 def load(*overrides: str) -> RlmeshConfig:
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    typed = OmegaConf.to_object(cfg)
+    typed = OmegaConf.to_object(compose_config(*overrides))
     assert isinstance(typed, RlmeshConfig)
     return typed
 
