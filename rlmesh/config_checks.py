@@ -198,18 +198,23 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
             "set it to 1 on CPU",
         )
 
+    # role -> (its resources key, what each actor asks for, how many actors): the roles this run starts
+    actors = {
+        "trainer": ("roles.trainer.resources_per_device", actor.resources_per_device, actor.dp_size),
+        "rollout": ("roles.rollout.resources_per_engine", rollout.resources_per_engine, rollout.num_engines),
+        "reward": ("roles.reward.resources_per_actor", roles.reward.resources_per_actor, roles.reward.num_actors),
+    }
+    if use_critic:
+        actors["critic"] = ("roles.critic.resources_per_device", critic.resources_per_device, critic.dp_size)
+    if use_reference:
+        ref = roles.reference
+        actors["reference"] = ("roles.reference.resources_per_device", ref.resources_per_device, ref.dp_size)
     if device == "cuda":  # an actor that asks for no GPU sees none (Ray hides the others)
-        gpu_roles = [("roles.trainer.resources_per_device", actor.resources_per_device)]
-        if rollout.tensor_parallel_size == 1:  # with tp > 1, vLLM's ray executor reserves the engine's GPUs itself
-            gpu_roles.append(("roles.rollout.resources_per_engine", rollout.resources_per_engine))
-        if use_critic:
-            gpu_roles.append(("roles.critic.resources_per_device", critic.resources_per_device))
-        if use_reference:
-            gpu_roles.append(("roles.reference.resources_per_device", roles.reference.resources_per_device))
-        if roles.reward.name == "model":
-            gpu_roles.append(("roles.reward.resources_per_actor", roles.reward.resources_per_actor))
-        for key, asked in gpu_roles:
-            if not asked.get("GPU"):
+        no_gpu_needed = set() if roles.reward.name == "model" else {"reward"}  # rule scorers run on CPU
+        if rollout.tensor_parallel_size > 1:  # vLLM's ray executor reserves the engine's GPUs itself
+            no_gpu_needed.add("rollout")
+        for role, (key, asked, _) in actors.items():
+            if role not in no_gpu_needed and not asked.get("GPU"):
                 bad(
                     key,
                     dict(asked),
@@ -218,17 +223,9 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
                 )
     weight_sync = _check_weight_sync(bad, cfg, device)
 
-    resources = {
-        "trainer": _times(actor.resources_per_device, actor.dp_size),
-        "rollout": _times(rollout.resources_per_engine, rollout.num_engines),
-        "reward": _times(roles.reward.resources_per_actor, roles.reward.num_actors),
-    }
+    resources = {role: _times(asked, count) for role, (_, asked, count) in actors.items()}
     if rollout.tensor_parallel_size > 1:  # the GPUs of vLLM's tensor-parallel workers, beside the engine actors
         resources["rollout_workers"] = {"GPU": float(rollout.tensor_parallel_size * rollout.num_engines)}
-    if use_critic:
-        resources["critic"] = _times(critic.resources_per_device, critic.dp_size)
-    if use_reference:
-        resources["reference"] = _times(roles.reference.resources_per_device, roles.reference.dp_size)
     if rollout.colocate_with_trainer:  # both meshes live in the trainer's bundles
         bundle, _, _ = colocated_resources(actor.resources_per_device, rollout.resources_per_engine)
         resources["trainer"], resources["rollout"] = _times(bundle, actor.dp_size), {}
