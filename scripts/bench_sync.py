@@ -28,7 +28,7 @@ from rlmesh.mesh import ActorMesh, create_collective_group, endpoint, get_group 
 from rlmesh.sync.buckets import unpack  # noqa: E402
 from rlmesh.sync.manifest import SyncPlan, TensorSpec, tensor_specs  # noqa: E402
 from rlmesh.sync.sender import member_group, send_weights  # noqa: E402
-from rlmesh.sync.transports import broadcast_async, make_receiver, wait_work  # noqa: E402
+from rlmesh.sync.transports import make_receiver, wait_work  # noqa: E402
 
 # ---------------------------------------------------------------- model shapes
 
@@ -140,7 +140,7 @@ class Peer:
             if ipc:
                 _raw_ipc(group, flat)
             else:
-                wait_work(broadcast_async(group, flat), group, "raw broadcast")
+                wait_work(group.broadcast_async(flat), group, "raw broadcast")
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
             group.barrier()

@@ -42,16 +42,24 @@ class GroupHandle:
     store: Any
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        opts = dist.BroadcastOptions()
-        opts.rootRank = src
-        self._wait(self.process_group.broadcast([tensor], opts), "broadcast")
+        self._wait(self.broadcast_async(tensor, src), "broadcast")
         return tensor
 
     def all_reduce(self, tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+        self._wait(self.all_reduce_async(tensor, op), "all_reduce")
+        return tensor
+
+    def broadcast_async(self, tensor: torch.Tensor, src: int = 0) -> Any:
+        """Start a broadcast and return its work handle (wait on it with a timeout, as `broadcast` does)."""
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        return self.process_group.broadcast([tensor], opts)
+
+    def all_reduce_async(self, tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> Any:
+        """Start an all-reduce and return its work handle."""
         opts = dist.AllreduceOptions()
         opts.reduceOp = op
-        self._wait(self.process_group.allreduce([tensor], opts), "all_reduce")
-        return tensor
+        return self.process_group.allreduce([tensor], opts)
 
     def barrier(self) -> None:
         # A one-element all_reduce works on every backend and honours our timeout, unlike some barrier impls.

@@ -491,10 +491,7 @@ class TrainEngine:
         """(Hugging Face name, full tensor) for every weight a HF checkpoint stores, on this device, in `dtype`
         (default: the parameters' own). With FSDP2 each tensor is all-gathered: every rank must run the iterator
         to the end, in lockstep. Tensors may alias live parameters: read them before the next update."""
-        for name, tensor in self.model.state_dict().items():
-            name = hf_name(name)
-            if name in self.aliases:
-                continue
+        for name, tensor in self._hf_weights():
             tensor = tensor.detach()
             if dtype is not None:
                 tensor = tensor.to(dtype)  # on a DTensor this casts the local shard first: half the gather
@@ -505,14 +502,17 @@ class TrainEngine:
     def full_weight_specs(self, dtype: torch.dtype | None = None) -> list[tuple[str, str, tuple[int, ...]]]:
         """(HF name, dtype, full shape) of what iter_full_weights yields, in its order, from metadata only: a DTensor
         reports its global shape, so no rank gathers anything."""
-        specs = []
+        return [
+            (name, str(dtype or tensor.dtype).removeprefix("torch."), tuple(int(d) for d in tensor.shape))
+            for name, tensor in self._hf_weights()
+        ]
+
+    def _hf_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """(Hugging Face name, state-dict entry) for every weight a checkpoint stores: tied aliases left out."""
         for name, tensor in self.model.state_dict().items():
             name = hf_name(name)
             if name not in self.aliases:
-                specs.append(
-                    (name, str(dtype or tensor.dtype).removeprefix("torch."), tuple(int(d) for d in tensor.shape))
-                )
-        return specs
+                yield name, tensor
 
     def full_state_dict(self, rank: int) -> dict[str, Tensor] | None:
         """The full float32 weights on CPU, HF names: a dict on rank 0, None elsewhere (all ranks must call)."""

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from rlmesh.mesh.collective import GroupHandle
 from rlmesh.sync.buckets import allocate_buffers
@@ -49,19 +48,10 @@ def wait_work(work: Any, group: GroupHandle, what: str) -> None:
         ) from err
 
 
-def broadcast_async(group: GroupHandle, tensor: torch.Tensor) -> Any:
-    opts = dist.BroadcastOptions()
-    opts.rootRank = 0
-    return group.process_group.broadcast([tensor], opts)
-
-
 def _barrier(group: GroupHandle, flag: int, what: str) -> int:
     """All-reduce one int over the group (a barrier that also carries an abort flag); returns the sum."""
     value = torch.tensor([flag], dtype=torch.int64)
-    opts = dist.AllreduceOptions()
-    reduce_sum: Any = dist.ReduceOp.SUM
-    opts.reduceOp = reduce_sum
-    wait_work(group.process_group.allreduce([value], opts), group, what)
+    wait_work(group.all_reduce_async(value), group, what)
     return int(value.item())
 
 
@@ -85,7 +75,7 @@ class BucketSender:
             dtype=torch.int64,
             device=_header_device(self.group, self.device),
         )
-        wait_work(broadcast_async(self.group, header), self.group, "sending the sync header")
+        wait_work(self.group.broadcast_async(header), self.group, "sending the sync header")
 
     def buffer_for(self, bucket: int) -> torch.Tensor:
         raise NotImplementedError
@@ -123,7 +113,7 @@ class BroadcastSender(BucketSender):
     def send(self, bucket: int) -> None:
         slot = bucket % len(self.buffers)
         # NCCL orders the broadcast after the packing copies on the current stream; gloo packing is synchronous.
-        self.in_flight[slot] = broadcast_async(self.group, self.buffers[slot][: self.plan.bucket_sizes[bucket]])
+        self.in_flight[slot] = self.group.broadcast_async(self.buffers[slot][: self.plan.bucket_sizes[bucket]])
 
     def send_tensor(self, bucket: int, tensor: torch.Tensor) -> bool:
         # A tensor alone in its bucket (often one larger than a bucket, like an embedding) travels from its own
@@ -136,7 +126,7 @@ class BroadcastSender(BucketSender):
         if self.in_flight[slot] is not None:
             wait_work(self.in_flight[slot], self.group, f"broadcasting bucket {bucket - len(self.buffers)}")
         flat = tensor.detach().reshape(-1).view(torch.uint8)
-        self.in_flight[slot] = _Sending(broadcast_async(self.group, flat), flat)  # keeps the tensor alive meanwhile
+        self.in_flight[slot] = _Sending(self.group.broadcast_async(flat), flat)  # keeps the tensor alive meanwhile
         return True
 
     def finish(self) -> None:
@@ -210,7 +200,7 @@ class BucketReceiver:
 
     def start(self) -> int:
         header = torch.zeros(4, dtype=torch.int64, device=_header_device(self.group, self.device))
-        wait_work(broadcast_async(self.group, header), self.group, "receiving the sync header")
+        wait_work(self.group.broadcast_async(header), self.group, "receiving the sync header")
         magic, fingerprint, version, buckets = (int(v) for v in header.tolist())
         if magic != HEADER_MAGIC:
             raise WeightSyncError(
@@ -238,7 +228,7 @@ class BroadcastReceiver(BucketReceiver):
         sizes = self.plan.bucket_sizes
 
         def post(k: int) -> Any:
-            return broadcast_async(self.group, buffers[k % len(buffers)][: sizes[k]])
+            return self.group.broadcast_async(buffers[k % len(buffers)][: sizes[k]])
 
         pending = post(0)
         for k in range(n):
@@ -291,11 +281,11 @@ def make_receiver(group: GroupHandle, plan: SyncPlan, device: torch.device) -> B
 def _broadcast_bytes(group: GroupHandle, payload: bytes, what: str) -> bytes:
     """Broadcast a byte string from rank 0 over a gloo group: its length, then its bytes."""
     length = torch.tensor([len(payload)], dtype=torch.int64)
-    wait_work(broadcast_async(group, length), group, what)
+    wait_work(group.broadcast_async(length), group, what)
     data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if group.rank == 0 else None
     if data is None:
         data = torch.empty(int(length.item()), dtype=torch.uint8)
-    wait_work(broadcast_async(group, data), group, what)
+    wait_work(group.broadcast_async(data), group, what)
     return data.numpy().tobytes()
 
 
