@@ -7,6 +7,7 @@ Every operation takes a timeout: a missing or dead peer raises instead of hangin
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ class GroupHandle:
 
 _groups: dict[str, GroupHandle] = {}
 _pending_stores: dict[str, Any] = {}
+_listeners: dict[int, socket.socket] = {}
 
 
 def get_group(name: str) -> GroupHandle:
@@ -87,16 +89,52 @@ def get_group(name: str) -> GroupHandle:
     return _groups[name]
 
 
-def _open_store(name: str, world_size: int, timeout_s: float) -> tuple[str, int]:
-    """Rank 0 hosts the group's TCPStore on a free port and reports where it listens."""
+def host_store(host: str, port: int, world_size: int, timeout: datetime.timedelta) -> Any:
+    """A TCPStore server listening on `host` only. TCPStore binds every interface whatever host it is given, so the
+    socket is bound here and handed over: on a local run nothing rlmesh opens is reachable from the network."""
+    listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     store = dist.TCPStore(
-        "0.0.0.0", 0, world_size, is_master=True, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False
+        host,
+        listener.getsockname()[1],
+        world_size,
+        is_master=True,
+        timeout=timeout,
+        wait_for_workers=False,
+        master_listen_fd=listener.fileno(),
     )
+    _listeners[id(store)] = listener  # the store serves on this socket's descriptor: keep it open while it lives
+    return store
+
+
+def gloo_options(listen_on: str, timeout: datetime.timedelta) -> Any:
+    """ProcessGroupGloo options whose device listens on `listen_on` (by default gloo picks the address the machine's
+    hostname resolves to, which can be a public interface)."""
+    options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+    options._timeout = timeout
+    options._devices = [dist.ProcessGroupGloo.create_device(hostname=listen_on)]
+    return options
+
+
+def _open_store(name: str, world_size: int, timeout_s: float) -> tuple[str, int]:
+    """Rank 0 hosts the group's TCPStore on a free port of bind_host() and reports where it listens."""
+    host = bind_host()
+    store = host_store(host, 0, world_size, datetime.timedelta(seconds=timeout_s))
     _pending_stores[name] = store
-    return node_ip(), store.port
+    return host, store.port
 
 
-def _join(name: str, backend: str, addr: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
+def _join(
+    name: str,
+    backend: str,
+    addr: str,
+    port: int,
+    rank: int,
+    world_size: int,
+    timeout_s: float,
+    listen_on: str | None = None,
+) -> None:
+    """Join group `name`; `listen_on` is the address this process's gloo device listens on (default: bind_host();
+    processes outside Ray, such as vLLM's workers, are told it)."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if rank == 0:
         store = _pending_stores.pop(name)
@@ -104,7 +142,7 @@ def _join(name: str, backend: str, addr: str, port: int, rank: int, world_size: 
         store = dist.TCPStore(addr, port, world_size, is_master=False, timeout=timeout)
     prefixed = dist.PrefixStore(f"rlmesh/{name}", store)
     if backend == "gloo":
-        pg: Any = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+        pg: Any = dist.ProcessGroupGloo(prefixed, rank, world_size, gloo_options(listen_on or bind_host(), timeout))
     else:
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
@@ -114,10 +152,24 @@ def _join(name: str, backend: str, addr: str, port: int, rank: int, world_size: 
 
 def _leave(name: str) -> bool:
     handle = _groups.pop(name, None)
-    _pending_stores.pop(name, None)
+    pending = _pending_stores.pop(name, None)
+    for store in (pending, handle.store if handle is not None else None):
+        listener = _listeners.pop(id(store), None) if store is not None else None
+        if listener is not None:
+            listener.close()
     if handle is not None and handle.backend == "nccl":
         handle.process_group.shutdown()
     return handle is not None
+
+
+BIND_HOST_ENV = "RLMESH_BIND_HOST"
+
+
+def bind_host() -> str:
+    """The address rlmesh's own sockets (stores, gloo devices) listen on: RLMESH_BIND_HOST, which a local run sets to
+    127.0.0.1 for every actor (Ray 2.60 turns a loopback node address into the machine's public one), else this
+    Ray node's address, for runs that span machines."""
+    return os.environ.get(BIND_HOST_ENV) or node_ip()
 
 
 def node_ip() -> str:
@@ -129,9 +181,19 @@ def node_ip() -> str:
     return str(ray.util.get_node_ip_address())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
+def interface_of(address: str) -> str | None:
+    """The name of the network interface that holds `address` (e.g. 'lo' for 127.0.0.1), or None."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(entry.address == address for entry in addresses):
+            return str(name)
+    return None
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 

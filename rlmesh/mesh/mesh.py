@@ -54,7 +54,8 @@ def _host_class(cls: type) -> type:
         self._rlmesh_ctor = (args, kwargs)
 
     def _rlmesh_address(self: Any) -> tuple[str, int]:
-        return collective.node_ip(), collective._free_port()
+        host = collective.bind_host()
+        return host, collective._free_port(host)
 
     def _rlmesh_setup(self: Any, master_addr: str | None, master_port: int | None) -> str:
         place = replace(self._rlmesh_place, master_addr=master_addr, master_port=master_port)
@@ -113,6 +114,7 @@ class _RoutedCall:
     future: RoutedFuture[Any]
     attempts: int = 0
     position: int = -1  # the actor running the current attempt
+    generation: int = 0  # of that position when it was issued: a replaced actor's late failures are not the new one's
 
 
 # ---------------------------------------------------------------- endpoints bound to a mesh
@@ -175,8 +177,11 @@ class _ActorTable:
         self.alive = [True] * len(handles)
         self.all_alive = True  # the routing fast path skips liveness filtering while nothing has died
         self.in_flight = [0] * len(handles)
+        self.generation = [0] * len(handles)  # bumped when the actor at a position is replaced
         self.lock = threading.Lock()
         self.methods: dict[str, list[Any]] = {}
+        self.restart_lock = threading.Lock()  # one restart at a time: two would each replace the same dead actor
+        self.faults = {"retried_calls": 0, "restarted_actors": 0}
 
     def method(self, name: str, pos: int) -> Any:
         cached = self.methods.get(name)
@@ -353,6 +358,16 @@ class ActorMesh(Generic[T]):
     def restart_dead(self) -> list[int]:
         """Replace dead actors with new ones in the same place, re-run setup and the `on_restart` hooks
         (the class's `on_restart` method, then the mesh's callback), and return the restarted positions."""
+        with self._root._table.restart_lock:
+            return self._restart_dead()
+
+    def fault_counts(self) -> dict[str, int]:
+        """Routed calls re-issued because their actor died, and actors restarted, since the mesh started."""
+        table = self._root._table
+        with table.lock:
+            return dict(table.faults)
+
+    def _restart_dead(self) -> list[int]:
         root = self._root
         table = root._table
         pings: list[Any] = [h._rlmesh_ping.remote() for h in table.handles]
@@ -367,6 +382,12 @@ class ActorMesh(Generic[T]):
             elif not table.alive[pos]:
                 dead.append(pos)
         if not dead:
+            with table.lock:  # an actor marked dead that answers its ping is alive: calls waiting for it may go
+                healed = not table.all_alive
+                table.alive = [True] * len(table.alive)
+                table.all_alive = True
+            if healed:
+                root._post(root._drain)
             return []
         places = root._places()
         new = {pos: root._create(pos, places[pos]) for pos in dead}
@@ -377,6 +398,7 @@ class ActorMesh(Generic[T]):
             for pos in dead:
                 table.handles[pos] = new[pos]
                 table.in_flight[pos] = 0
+                table.generation[pos] += 1
             table.methods.clear()
         if root._on_restart is not None:
             root._on_restart(root, dead)
@@ -384,6 +406,7 @@ class ActorMesh(Generic[T]):
             for pos in dead:
                 table.alive[pos] = True
             table.all_alive = all(table.alive)
+            table.faults["restarted_actors"] += len(dead)
         root._post(root._drain)
         log.info("mesh '%s' restarted %s", root._name, [root._describe_position(p) for p in dead])
         return dead
@@ -530,7 +553,9 @@ class ActorMesh(Generic[T]):
         else:
             live = [p for p in call.candidates if table.alive[p]]
             if not live:
-                return -1
+                # With auto_restart the call waits in the queue for the replacement instead of failing: a run with
+                # one engine survives that engine's death.
+                return None if self._auto_restart else -1
         available = live if self._cap is None else [p for p in live if table.in_flight[p] < self._cap]
         return self._router.pick(Load(available, live, table.in_flight), call.key)
 
@@ -542,38 +567,48 @@ class ActorMesh(Generic[T]):
                 self._queue.append(call)
                 return False
             pos = self._pick(call)
+            waits_for_restart = pos is None and not any(table.alive[p] for p in call.candidates)
             if pos is None:
                 if not from_queue:
                     self._queue.append(call)
-                return False
-            if pos != -1:
+            elif pos != -1:
                 table.in_flight[pos] += 1
                 method = table.method(call.method, pos)
+                generation = table.generation[pos]
+        if pos is None:
+            if waits_for_restart:  # e.g. the only engine died: make sure a replacement is on its way
+                self._post(self._restart_in_background)
+            return False
         if pos == -1:
             call.future.failed(
                 ActorDiedError(f"'{call.method}': every actor of mesh '{self._name}' that could take it is dead")
             )
             return True
-        call.position = pos
+        call.position, call.generation = pos, generation
         ref = method.remote(*call.args, **call.kwargs)
         call.future.issued(ref)
-        ref.future().add_done_callback(lambda f: self._on_done(pos, f))
+        ref.future().add_done_callback(lambda f: self._on_done(pos, generation, f))
         return True
 
-    def _on_done(self, pos: int, done: Any) -> None:
-        """Completion callback (Ray's thread): keep the in-flight count and liveness; waiters handle results."""
+    def _on_done(self, pos: int, generation: int, done: Any) -> None:
+        """Completion callback (Ray's thread): keep the in-flight count and liveness; waiters handle results.
+        A call of an actor that has since been replaced counts for neither the count nor the liveness."""
         table = self._table
         with table.lock:
-            table.in_flight[pos] -= 1
+            current = table.generation[pos] == generation
+            if current:
+                table.in_flight[pos] -= 1
             queued = bool(self._queue)
-        if isinstance(done.exception(), RayActorDiedError):
-            self._mark_dead(pos)
+        if current and isinstance(done.exception(), RayActorDiedError):
+            self._mark_dead(pos, generation)
         if queued:
             self._post(self._drain)
 
-    def _mark_dead(self, pos: int) -> None:
+    def _mark_dead(self, pos: int, generation: int) -> None:
         table = self._table
         with table.lock:
+            if table.generation[pos] != generation:
+                return  # the dead actor was already replaced; its successor is fine
             was_alive = table.alive[pos]
             table.alive[pos] = False
             table.all_alive = False
@@ -585,11 +620,13 @@ class ActorMesh(Generic[T]):
         pos = call.position
         who = self._describe_position(pos)
         if isinstance(err, RayActorDiedError):
-            self._mark_dead(pos)
+            self._mark_dead(pos, call.generation)
         if not call.retry or call.attempts + 1 >= _MAX_CHOOSE_ATTEMPTS:
             reason = "not idempotent, so not retried" if not call.retry else f"{call.attempts + 1} attempts"
             raise ActorDiedError(f"'{call.method}' failed: {who} died ({reason}): {_cause(err)}") from err
         call.attempts += 1
+        with self._table.lock:
+            self._table.faults["retried_calls"] += 1
         log.warning("'%s' lost %s; retrying on another actor", call.method, who)
         call.future.new_attempt()
         self._submit(call, from_queue=False)
@@ -611,10 +648,26 @@ class ActorMesh(Generic[T]):
         self._restarting = True
         try:
             self.restart_dead()
-        except Exception:
+        except Exception as err:
             log.exception("mesh '%s': automatic restart failed", self._name)
+            self._fail_stranded(err)
         finally:
             self._restarting = False
+
+    def _fail_stranded(self, err: BaseException) -> None:
+        """Fail the queued calls that no live actor can take: they waited for a restart that did not happen."""
+        table = self._table
+        with table.lock:
+            stranded = [call for call in self._queue if not any(table.alive[p] for p in call.candidates)]
+            for call in stranded:
+                self._queue.remove(call)
+        for call in stranded:
+            call.future.failed(
+                ActorDiedError(
+                    f"'{call.method}': every actor of mesh '{self._name}' that could take it is dead, and restarting "
+                    f"them failed: {_cause(err)}"
+                )
+            )
 
     def _post(self, work: Callable[[], None]) -> None:
         """Run `work` on the mesh's dispatcher thread: Ray completion callbacks must not submit calls themselves."""
