@@ -55,10 +55,12 @@ def throughput_metrics(batch: Batch, step_seconds: float, n_devices: int) -> dic
 
 
 def reward_metrics(batch: Batch) -> dict[str, float]:
-    """reward/errors and reward/timeouts counts, and the mean of every extra a scorer returned (e.g. acc)."""
+    """reward/errors (the reward function raised), reward/invalid (it returned no usable number) and reward/timeouts
+    counts, and the mean of every extra a scorer returned (e.g. acc)."""
     failures = batch.get("reward_failure", [None] * len(batch))
     out = {
         "reward/errors": float(sum(f == "error" for f in failures)),
+        "reward/invalid": float(sum(f == "invalid" for f in failures)),
         "reward/timeouts": float(sum(f == "timeout" for f in failures)),
     }
     for key in batch.meta.get("reward_extra_keys", ()):

@@ -2,9 +2,11 @@
 
 Each worker process scores one sample at a time. The controller waits on the workers' pipes with the earliest
 deadline as its timeout; a worker past its deadline is killed (SIGKILL: a hung sympy call ignores everything else)
-and replaced by a fresh one, and its sample gets the fallback score. A sample whose scorer raises, returns NaN, inf
-or something that is not a number, or whose worker dies, gets the fallback score too. The failures are counted in the
-metrics (reward/errors, reward/timeouts) and logged once per batch and kind, with the first such sample.
+and replaced by a fresh one, and its sample gets the fallback score. A sample whose scorer raises, or returns NaN,
+inf or something that is not a number, gets the fallback score too. A worker that dies while scoring (killed from
+outside, out of memory) is replaced and its sample scored once more; a second death costs that sample only. The
+failures are counted in the metrics (reward/errors, reward/invalid, reward/timeouts) and logged once per batch and
+kind, with the first such sample.
 
 Workers are fresh interpreters (subprocess, see rlmesh.reward.worker), not forks: the caller is often a Ray actor
 with threads, where fork can deadlock, and multiprocessing's spawn would re-import the caller's __main__ in each.
@@ -35,7 +37,7 @@ from rlmesh.reward.worker import Outcome, score_one
 
 logger = logging.getLogger(__name__)
 
-FailureKind = Literal["error", "timeout"]
+FailureKind = Literal["error", "invalid", "timeout"]
 _WORKER_COMMAND = "from rlmesh.reward.worker import main; main()"
 # A worker whose pipe stays open after it died (a scorer forked a child that holds it) is noticed by polling this often.
 _LIVENESS_POLL_S = 1.0
@@ -57,8 +59,10 @@ class ScoreResult:
 
     extras: each key of the scorers' dict results (other than 'score'), one value per sample, None where a sample's
         result lacked it or failed.
-    failures: per sample, None when scored, else 'error' or 'timeout' (that sample got the fallback score).
-    metrics: reward/errors, reward/timeouts (counts) and reward/<key>/mean for each numeric extra.
+    failures: per sample, None when scored, else 'error' (raised, or its worker died twice), 'invalid' (returned no
+        usable number) or 'timeout'; that sample got the fallback score.
+    metrics: reward/errors, reward/invalid, reward/timeouts (counts), reward/worker_deaths and reward/<key>/mean for
+        each numeric extra.
     """
 
     scores: list[float]
@@ -169,6 +173,9 @@ class RewardScorer:
             self._worker_setup = (list(sys.path), tuple(preload_modules), compute_score_pickle)
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
+        self._pending: deque[int] = deque()  # the current batch's samples not yet handed to a worker
+        self._died_once: set[int] = set()
+        self.worker_deaths = 0  # since construction; the role reports it per batch
         self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
 
     def __enter__(self) -> RewardScorer:
@@ -189,6 +196,7 @@ class RewardScorer:
         if self.compute_score is default_compute_score:
             for data_source in {item.data_source for item in items}:
                 builtin_scorer(data_source)
+        deaths_before = self.worker_deaths
         with self._lock:
             if self.num_workers == 0:
                 outcomes = [score_one(self.compute_score, *self._arguments(item)) for item in items]
@@ -200,7 +208,9 @@ class RewardScorer:
                     # next batch's, so these workers go.
                     _stop_workers(self._workers)
                     raise
-        return self._assemble(items, outcomes)
+        result = self._assemble(items, outcomes)
+        result.metrics["reward/worker_deaths"] = float(self.worker_deaths - deaths_before)
+        return result
 
     @staticmethod
     def _arguments(item: ScoreItem) -> tuple[str, str, Any, dict[str, Any] | None]:
@@ -214,6 +224,7 @@ class RewardScorer:
             self._workers.append(self._new_worker())
         outcomes: list[Outcome | None] = [None] * len(items)
         pending = deque(range(len(items)))
+        self._pending, self._died_once = pending, set()
         while pending or any(worker.task is not None for worker in self._workers):
             for position, worker in enumerate(self._workers):
                 if worker.ready and worker.task is None and pending:
@@ -270,8 +281,15 @@ class RewardScorer:
         if not worker.ready:
             self._raise_start_failure(f"it exited with code {worker.process.returncode} (its stderr is above)")
         if worker.task is not None:
-            why = f"the worker process died (exit code {worker.process.returncode}) while scoring this sample"
-            outcomes[worker.task] = ("error", None, {}, why)
+            self.worker_deaths += 1
+            if worker.task not in self._died_once:  # maybe not the sample's fault (killed, OOM): score it again
+                self._died_once.add(worker.task)
+                self._pending.appendleft(worker.task)
+                logger.warning("a reward worker died (exit code %s); rescoring its sample", worker.process.returncode)
+            else:
+                why = f"the worker process died twice (exit code {worker.process.returncode}) while scoring this sample"
+                outcomes[worker.task] = ("error", None, {}, why)
+            worker.task = None
         self._replace(position)
 
     def _replace(self, position: int) -> None:
@@ -299,12 +317,13 @@ class RewardScorer:
                 failures.append(None)
             else:
                 scores.append(self.fallback_score)
-                failures.append("timeout" if kind == "timeout" else "error")
+                failures.append(kind if kind in ("timeout", "invalid") else "error")  # type: ignore[arg-type]
                 first_failure.setdefault(kind, (index, message))
             for key in extra_keys:
                 extras[key].append(sample_extras.get(key))
         metrics = {
             "reward/errors": float(failures.count("error")),
+            "reward/invalid": float(failures.count("invalid")),
             "reward/timeouts": float(failures.count("timeout")),
         }
         for key, values in extras.items():
@@ -320,7 +339,7 @@ class RewardScorer:
         shown = repr(solution[: self.log_chars])
         if len(solution) > self.log_chars:
             shown += f"... ({len(solution)} chars)"
-        what = "timed out" if kind == "timeout" else "failed to score"
+        what = {"timeout": "timed out", "invalid": "returned no usable score"}.get(kind, "failed to score")
         logger.warning(
             "reward: %d of %d samples %s and got the fallback score %s. First: data_source=%r, %s; solution=%s",
             count,

@@ -19,7 +19,8 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-# What one sample's scoring came to: ("ok", score, extras, "") or ("error", None, {}, message).
+# What one sample's scoring came to: ("ok", score, extras, ""), or (kind, None, {}, message) where kind is "error"
+# (compute_score raised) or "invalid" (it returned NaN, inf, a string, a dict without 'score', ...).
 Outcome = tuple[str, float | None, dict[str, Any], str]
 # Extras that are not plain values (a sympy expression, an array) are sent back as text, cut to this length.
 MAX_EXTRA_TEXT_CHARS = 500
@@ -54,11 +55,16 @@ def coerce_result(result: Any) -> tuple[float, dict[str, Any]]:
 
 
 def score_one(compute_score: Any, data_source: str, solution_str: str, ground_truth: Any, extra_info: Any) -> Outcome:
-    """Scores one sample; any exception or unusable result becomes an 'error' outcome with its message."""
+    """Scores one sample; an exception becomes an 'error' outcome and an unusable result an 'invalid' one, each with
+    its message."""
     try:
-        score, extras = coerce_result(compute_score(data_source, solution_str, ground_truth, extra_info))
+        result = compute_score(data_source, solution_str, ground_truth, extra_info)
     except Exception as error:
         return ("error", None, {}, f"{type(error).__name__}: {error}"[:1000])
+    try:
+        score, extras = coerce_result(result)
+    except Exception as error:
+        return ("invalid", None, {}, str(error)[:1000])
     return ("ok", score, extras, "")
 
 

@@ -17,8 +17,8 @@ def scaled_score(data_source, solution_str, ground_truth, extra_info=None, facto
 
 
 def misbehaving_score(data_source, solution_str, ground_truth, extra_info=None):
-    """Misbehaves as the response asks ('raise', 'hang', 'spin', 'crash', 'nan', 'inf', 'text', 'no-score'); any
-    other response is scored by exact match."""
+    """Misbehaves as the response asks ('raise', 'hang', 'spin', 'crash', 'crash-once', 'nan', 'inf', 'text',
+    'no-score'); any other response is scored by exact match."""
     if solution_str == "raise":
         raise RuntimeError("scorer bug")
     if solution_str in ("hang", "spin"):
@@ -33,6 +33,12 @@ def misbehaving_score(data_source, solution_str, ground_truth, extra_info=None):
         time.sleep(3600)
     if solution_str == "crash":
         os._exit(3)
+    if solution_str == "crash-once":  # a worker killed from outside while scoring: the retry finds the marker
+        try:
+            os.close(os.open(extra_info["marker"], os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return 0.0
+        os.kill(os.getpid(), signal.SIGKILL)
     if solution_str == "nan":
         return float("nan")
     if solution_str == "inf":

@@ -54,16 +54,20 @@ def test_every_failure_gets_the_fallback_and_the_rest_are_scored(misbehaving_poo
     elapsed = time.monotonic() - started
 
     assert result.scores == [1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, 0.0, 1.0]
-    assert result.failures == [None, "error", "error", "error", "error", "error", "timeout", None, None]
-    assert result.metrics["reward/errors"] == 5
+    assert result.failures == [None, "error", "invalid", "invalid", "invalid", "invalid", "timeout", None, None]
+    assert result.metrics["reward/errors"] == 1
+    assert result.metrics["reward/invalid"] == 4
     assert result.metrics["reward/timeouts"] == 1
     assert elapsed < TIMEOUT_S + RESTART_ALLOWANCE_S
 
     # Logged once per kind, with the first such sample and its data_source.
-    errors = [record.getMessage() for record in caplog.records if "failed to score" in record.getMessage()]
-    timeouts = [record.getMessage() for record in caplog.records if "timed out" in record.getMessage()]
-    assert len(errors) == 1 and len(timeouts) == 1
-    assert "5 of 9" in errors[0] and "RuntimeError: scorer bug" in errors[0] and "'my_source'" in errors[0]
+    messages = [record.getMessage() for record in caplog.records]
+    errors = [message for message in messages if "failed to score" in message]
+    invalid = [message for message in messages if "returned no usable score" in message]
+    timeouts = [message for message in messages if "timed out" in message]
+    assert len(errors) == 1 and len(invalid) == 1 and len(timeouts) == 1
+    assert "1 of 9" in errors[0] and "RuntimeError: scorer bug" in errors[0] and "'my_source'" in errors[0]
+    assert "4 of 9" in invalid[0] and "returned nan, not a finite number" in invalid[0] and "'nan'" in invalid[0]
     assert "'hang'" in timeouts[0]
 
 
@@ -84,11 +88,21 @@ def test_hung_workers_are_killed_and_the_batch_finishes(misbehaving_pool, tmp_pa
             os.kill(int(path.read_text()), 0)
 
 
-def test_a_crashed_worker_is_an_error_and_is_replaced(misbehaving_pool):
+def test_a_sample_that_crashes_its_worker_twice_is_an_error_and_the_workers_are_replaced(misbehaving_pool):
     result = misbehaving_pool.score([item("crash"), item("7"), item("crash"), item("7"), item("7")])
     assert result.failures == ["error", None, "error", None, None]
     assert result.scores == [-1.0, 1.0, -1.0, 1.0, 1.0]
     assert result.metrics["reward/errors"] == 2
+    assert result.metrics["reward/worker_deaths"] == 4  # each crashing sample is scored twice before giving up
+
+
+def test_a_worker_killed_from_outside_mid_sample_costs_nothing(misbehaving_pool, tmp_path):
+    marker = tmp_path / "crashed-once"
+    result = misbehaving_pool.score([item("7"), item("crash-once", marker=str(marker)), item("7"), item("8")])
+    assert marker.exists()  # the first attempt's worker did die
+    assert result.failures == [None, None, None, None]
+    assert result.scores == [1.0, 0.0, 1.0, 0.0]  # the rescored sample got its real score
+    assert result.metrics["reward/worker_deaths"] == 1 and result.metrics["reward/errors"] == 0
 
 
 def test_an_empty_batch_and_a_pool_that_is_reused(misbehaving_pool):
@@ -125,7 +139,12 @@ def test_in_process_mode_still_catches_errors_and_bad_values():
     scorer = RewardScorer(load_compute_score(TEST_REWARD_FILE, "misbehaving_score"), num_workers=0)
     result = scorer.score([item("7"), item("raise"), item("nan"), item("text")])
     assert result.scores == [1.0, 0.0, 0.0, 0.0]
-    assert result.metrics == {"reward/errors": 3.0, "reward/timeouts": 0.0}
+    assert result.metrics == {
+        "reward/errors": 1.0,
+        "reward/invalid": 2.0,
+        "reward/timeouts": 0.0,
+        "reward/worker_deaths": 0.0,
+    }
 
 
 def test_unknown_data_source_fails_the_batch_before_scoring():
