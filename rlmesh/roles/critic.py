@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from rlmesh.algo import masked_mean, value_loss
+from rlmesh.checkpoint import capture_rng, restore_rng
 from rlmesh.config import CriticConfig
 from rlmesh.data.batch import Batch
 from rlmesh.mesh import endpoint
@@ -24,10 +25,8 @@ from rlmesh.roles.model_ops import (
     require_fields,
     response_values,
     response_width,
-    rng_state,
     run_mini_batches,
     seed_everything,
-    set_rng_state,
 )
 
 SCORE_FIELDS = ["input_ids", "attention_mask", "position_ids", "response_mask"]
@@ -146,13 +145,13 @@ class Critic:
         state = load_rank_state(Path(path) / "critic" / "state", self.rank, self.world_size)
         self.engine.load_full_weights(read_hf_weights(Path(path) / "critic" / "model"))
         self.engine.load_state_dict(state["engine"])
-        set_rng_state(state["rng"])
+        restore_rng(state["rng"])
         self.updates = state["updates"]
 
     def _state(self) -> dict[str, Any]:
         return {
             "engine": self.engine.state_dict(),
-            "rng": rng_state(),
+            "rng": capture_rng(),
             "updates": self.updates,
             "world_size": self.world_size,
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -87,7 +88,20 @@ def init_distributed(device: str) -> tuple[int, int]:
     rank, world_size = dp_rank_and_size()
     if world_size == 1 or dist.is_initialized():
         return rank, world_size
-    options: dict[str, Any] = {"timeout": timedelta(seconds=DIST_TIMEOUT_S)}
+    from rlmesh.mesh.collective import bind_host, host_store, interface_of
+
+    timeout = timedelta(seconds=DIST_TIMEOUT_S)
+    # The store on rank 0's node address only (torch's env:// store listens on every interface), and gloo's device
+    # on this node's interface (by default gloo takes whatever the hostname resolves to).
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if rank == 0:
+        store = host_store(host, port, world_size, timeout)
+    else:
+        store = dist.TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+    interface = interface_of(bind_host())
+    if interface is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+    options: dict[str, Any] = {"timeout": timeout, "store": store}
     if device == "cuda":
         options["device_id"] = torch_device(device)
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size, **options)
@@ -127,30 +141,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    """Every global random generator's state, for a checkpoint that resumes bit for bit."""
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what rng_state() returned."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
 # ----------------------------------------------------------------------------------------------- loading
 
 
 def _from_pretrained_options(model_config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     return {
+        "use_safetensors": True,  # never a pickled .bin: unpickling a downloaded file can run its code
         "dtype": dtype,
         "attn_implementation": model_config.attn_implementation,
         "trust_remote_code": model_config.trust_remote_code,
@@ -693,6 +689,9 @@ def run_mini_batches(
     metrics |= {f"{prefix}/{k}": packed[len(loss_keys) + i] / total_tokens for i, k in enumerate(token_keys)}
     metrics[f"{prefix}/grad_norm"] = sum(grad_norms) / steps
     metrics[f"{prefix}/lr"] = sum(lrs) / steps
+    # Optimizer steps skipped for a non-finite gradient norm (TrainEngine.step): the loop stops a run that only skips.
+    metrics[f"{prefix}/skipped_steps"] = float(sum(not math.isfinite(norm) for norm in grad_norms))
+    metrics[f"{prefix}/optimizer_steps"] = float(steps)
     return metrics
 
 
@@ -707,8 +706,9 @@ def load_rank_state(folder: Path, rank: int, world_size: int) -> dict[str, Any]:
     file = folder / f"rank{rank}.pt"
     if not file.is_file():
         raise FileNotFoundError(f"no {file}: the checkpoint lacks this rank's training state (was it fully written?)")
-    # Our own file: python and numpy RNG states are not plain tensors, so weights_only=True would refuse them.
-    state: dict[str, Any] = torch.load(file, map_location="cpu", weights_only=False)
+    # weights_only: a checkpoint may come from elsewhere, and a pickle can run code; capture_rng keeps RNG states to
+    # tensors and plain tuples so this loads.
+    state: dict[str, Any] = torch.load(file, map_location="cpu", weights_only=True)
     if state["world_size"] != world_size:
         raise ValueError(
             f"{folder} was written by {state['world_size']} data-parallel ranks but this mesh has {world_size}; "

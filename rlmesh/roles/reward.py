@@ -210,6 +210,7 @@ class ModelReward:
         self.device = resolve_device(device)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             config.model.path,
+            use_safetensors=True,  # never a pickled .bin: unpickling a downloaded file can run its code
             num_labels=1,
             dtype=resolve_dtype(config.model.dtype, device=self.device),
             attn_implementation=config.model.attn_implementation,

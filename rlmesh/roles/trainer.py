@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from rlmesh.algo import agg_loss, get_policy_loss, kl_penalty, masked_mean
+from rlmesh.checkpoint import capture_rng, restore_rng
 from rlmesh.config import ActorConfig
 from rlmesh.data.batch import Batch
 from rlmesh.mesh import endpoint
@@ -27,10 +28,8 @@ from rlmesh.roles.model_ops import (
     require_fields,
     response_logprobs,
     response_width,
-    rng_state,
     run_mini_batches,
     seed_everything,
-    set_rng_state,
 )
 from rlmesh.sync.manifest import SyncPlan
 from rlmesh.sync.sender import member_group, send_weights
@@ -232,14 +231,14 @@ class PolicyTrainer:
         state = load_rank_state(Path(path) / "policy_state", self.rank, self.world_size)
         self.engine.load_full_weights(read_hf_weights(Path(path) / "policy"))
         self.engine.load_state_dict(state["engine"])
-        set_rng_state(state["rng"])
+        restore_rng(state["rng"])
         self.shuffle_generator.set_state(state["shuffle"])
         self.updates = state["updates"]
 
     def _state(self) -> dict[str, Any]:
         return {
             "engine": self.engine.state_dict(),
-            "rng": rng_state(),
+            "rng": capture_rng(),
             "shuffle": self.shuffle_generator.get_state(),
             "updates": self.updates,
             "world_size": self.world_size,

@@ -62,7 +62,14 @@ class WeightSyncWorker:
         rank = int(spec["first_rank"]) + self.rank
         backend = process_group_backend(spec["transport"])
         collective._join(
-            spec["name"], backend, spec["addr"], int(spec["port"]), rank, int(spec["world_size"]), spec["timeout_s"]
+            spec["name"],
+            backend,
+            spec["addr"],
+            int(spec["port"]),
+            rank,
+            int(spec["world_size"]),
+            spec["timeout_s"],
+            listen_on=spec.get("listen_on") or spec["addr"],
         )
         self._rlmesh_plans()[spec["name"]] = SyncPlan.from_json(spec["plan"])
         return rank

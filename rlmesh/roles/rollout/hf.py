@@ -195,6 +195,7 @@ class HFRollout:
         self.tokenizer = AutoTokenizer.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(
             model.path,
+            use_safetensors=True,  # never a pickled .bin: unpickling a downloaded file can run its code
             dtype=self.dtype,
             attn_implementation=model.attn_implementation,
             trust_remote_code=model.trust_remote_code,

@@ -146,7 +146,10 @@ def test_one_update_raises_the_log_prob_of_tokens_with_positive_advantage(policy
         "actor/entropy",
         "actor/grad_norm",
         "actor/lr",
+        "actor/skipped_steps",
+        "actor/optimizer_steps",
     }
+    assert first["actor/skipped_steps"] == 0 and first["actor/optimizer_steps"] >= 1
     assert all(isinstance(value, float) and np.isfinite(value) for value in first.values())
     # On-policy the ratio is 1, so the first PPO loss is -mean(A) = -1; the step lowers it.
     assert first["actor/pg_loss"] == pytest.approx(-1.0)
@@ -154,6 +157,20 @@ def test_one_update_raises_the_log_prob_of_tokens_with_positive_advantage(policy
     second = trainer.update(batch)
     assert second["actor/pg_loss"] < first["actor/pg_loss"] - 0.05
     assert second["actor/ppo_kl"] < 0  # the new policy puts more mass on the sampled tokens than the old did
+
+
+def test_a_non_finite_loss_skips_every_optimizer_step_and_leaves_the_weights(policy_path: str) -> None:
+    trainer = make_trainer(policy_path, optim=OptimConfig(lr=1e-2))
+    batch = training_batch(trainer, 2 * ROLLOUT_N, seed=9)
+    batch["advantages"] = torch.full_like(batch["advantages"], float("nan"))
+    before = weights_digest(trainer.export_weights() or {})
+    metrics = trainer.update(batch)
+    assert metrics["actor/skipped_steps"] == metrics["actor/optimizer_steps"] >= 1
+    assert not np.isfinite(metrics["actor/grad_norm"])
+    assert weights_digest(trainer.export_weights() or {}) == before
+    batch["advantages"] = batch["response_mask"].float()  # the next good batch trains again
+    assert trainer.update(batch)["actor/skipped_steps"] == 0
+    assert weights_digest(trainer.export_weights() or {}) != before
 
 
 def test_update_needs_whole_mini_batches_and_the_fields_it_reads(policy_path: str) -> None:
