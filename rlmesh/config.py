@@ -6,6 +6,10 @@ Names follow verl's where one exists. Global sizes are global (over all devices)
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,12 +126,14 @@ class RolloutConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     val_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
     val_n: int = 1
-    gpu_memory_utilization: float = 0.3  # on CPU: the fraction of host RAM vLLM reserves for its KV cache
+    gpu_memory_utilization: float = 0.3  # GPU: the fraction of device memory vLLM takes; unused on CPU (see below)
     max_model_len: int | None = None
     max_num_seqs: int = 256
     enforce_eager: bool = True
     enable_prefix_caching: bool = True
-    kv_cache_memory_gb: float | None = None  # explicit KV cache size; overrides gpu_memory_utilization, starts faster
+    # KV cache per engine. None: on CPU, room for max_num_seqs × max_model_len tokens (+25%), never a fraction of host
+    # memory (NUMA nodes report a fraction of it); on GPU, gpu_memory_utilization decides.
+    kv_cache_memory_gb: float | None = None
     # Engine i shares trainer rank i's placement bundle (and, on GPU, its device): weights then sync over CUDA IPC.
     colocate_with_trainer: bool = False
     enable_sleep_mode: bool = False  # GPU: a colocated engine sleeps (frees its KV cache) while the trainer trains
@@ -234,6 +240,8 @@ class TrainerConfig:
     seed: int = 1
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl", "tensorboard"])  # + wandb
     progress_bar: bool = True
+    # Stop after this many steps in a row whose every update was skipped for a non-finite loss or gradient; 0 = never.
+    max_consecutive_skipped_steps: int = 3
     plot: bool = True  # a PNG of reward and validation accuracy per step at the end
 
 
@@ -246,3 +254,25 @@ class RlmeshConfig:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def unknown_keys(config: Mapping[str, Any], schema: type = RlmeshConfig, prefix: str = "") -> list[str]:
+    """Keys of `config` (a composed DictConfig) that `schema` has no field for, each with the closest known name.
+
+    Hydra lets `+key=value` add a key even to a typed node, where it would then be silently ignored; a typo such as
+    `+roles.trainer.optim.lrr=1e-5` must fail instead. Free-form dict fields (task_kwargs, resources, ...) are not
+    walked.
+    """
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    problems = []
+    for key in config:
+        name = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            problems.append(f"{name}" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+            continue
+        kind, value = hints[str(key)], config[key]
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind) and hasattr(value, "keys"):
+            problems += unknown_keys(value, kind, f"{name}.")
+    return problems

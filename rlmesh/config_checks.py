@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlmesh.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
 from rlmesh.config import RlmeshConfig
+
+if TYPE_CHECKING:
+    from rlmesh.roles.rollout.kv_cache import HostMemory
+
+log = logging.getLogger(__name__)
 
 Report = Callable[[str, object, str, str], None]  # bad(key, value, why, fix)
 VALUE_ESTIMATORS = {"gae"}  # estimators that need a critic
@@ -139,6 +147,9 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
                 rollout.n,
             )
 
+    # --- role settings that would otherwise fail inside an actor, after every mesh has started
+    _check_role_settings(bad, cfg, use_critic)
+
     # --- where things come from
     _check_model_path(bad, "model.path", cfg.model.path)
     if actor.model.path != cfg.model.path:
@@ -222,6 +233,8 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
                     f"add one, e.g. +{key}.GPU=1 (or a fraction to share a GPU)",
                 )
     weight_sync = _check_weight_sync(bad, cfg, device)
+    if device == "cpu" and rollout.name == "vllm" and not cfg.cluster.address and not problems:
+        _check_kv_cache_memory(bad, cfg)
 
     resources = {role: _times(asked, count) for role, (_, asked, count) in actors.items()}
     if rollout.tensor_parallel_size > 1:  # the GPUs of vLLM's tensor-parallel workers, beside the engine actors
@@ -235,6 +248,124 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
 
 
 TRANSPORTS = ("auto", "object_store", "gloo", "nccl", "cuda_ipc")
+
+
+def _check_role_settings(bad: Report, cfg: RlmeshConfig, use_critic: bool) -> None:
+    """Optimizers, schedules, precision, sampling, scoring and logging: each value a role or the tracker would reject
+    after the meshes have started is rejected here, with its key."""
+    from rlmesh.roles.model_ops import _DTYPES, LR_SCHEDULERS, STRATEGIES
+    from rlmesh.roles.rollout.hf import check_sampling
+    from rlmesh.tracking import BACKENDS
+
+    roles, trainer = cfg.roles, cfg.trainer
+    learners = [("roles.trainer", roles.trainer)] + ([("roles.critic", roles.critic)] if use_critic else [])
+    for prefix, learner in learners:
+        optim = learner.optim
+        if not optim.lr > 0:
+            bad(f"{prefix}.optim.lr", optim.lr, "the learning rate must be positive", "use e.g. 1e-6")
+        if optim.lr_scheduler not in LR_SCHEDULERS:
+            bad(f"{prefix}.optim.lr_scheduler", optim.lr_scheduler, "unknown schedule", f"use one of {LR_SCHEDULERS}")
+        if optim.lr_warmup_steps < 0:
+            bad(f"{prefix}.optim.lr_warmup_steps", optim.lr_warmup_steps, "must be >= 0", "use 0 for no warmup")
+        if not 0.0 <= optim.min_lr_ratio <= 1.0:
+            bad(f"{prefix}.optim.min_lr_ratio", optim.min_lr_ratio, "must be in [0, 1]", "use e.g. 0.1")
+        if len(optim.betas) != 2:
+            bad(f"{prefix}.optim.betas", list(optim.betas), "AdamW takes two betas", "use e.g. [0.9, 0.999]")
+        if learner.strategy not in STRATEGIES:
+            bad(f"{prefix}.strategy", learner.strategy, "unknown data-parallel strategy", f"use one of {STRATEGIES}")
+        dtype = learner.model.dtype
+        if dtype != "auto" and dtype not in _DTYPES:
+            bad(f"{prefix}.model.dtype", dtype, "unknown dtype", f"use auto or one of {sorted(_DTYPES)}")
+        elif dtype == "float16":
+            bad(
+                f"{prefix}.model.dtype",
+                dtype,
+                "float16 training needs loss scaling, which rlmesh does not do",
+                "use bfloat16 (or auto)",
+            )
+    for key, sampling in (
+        ("roles.rollout.sampling", roles.rollout.sampling),
+        ("roles.rollout.val_sampling", roles.rollout.val_sampling),
+    ):
+        try:
+            check_sampling(sampling)
+        except ValueError as err:  # "sampling.<field> must be ..., got <value>"
+            field = str(err).split(" ")[0].removeprefix("sampling.")
+            bad(f"{key}.{field}", getattr(sampling, field, None), str(err).split(", got")[0], "pick a value in range")
+    reward = roles.reward
+    if not reward.timeout_s > 0:
+        bad("roles.reward.timeout_s", reward.timeout_s, "each sample needs a positive time limit", "use e.g. 10")
+    if reward.num_workers < 0:
+        bad("roles.reward.num_workers", reward.num_workers, "must be >= 0", "use 0 to score inside the reward actor")
+    if not math.isfinite(reward.fallback_score):
+        bad("roles.reward.fallback_score", reward.fallback_score, "must be a finite number", "use e.g. 0.0")
+    overlong = dict(reward.overlong_buffer)
+    if overlong.get("enable") and not 0 < int(overlong.get("len", 0)) <= roles.rollout.sampling.max_tokens:
+        bad(
+            "roles.reward.overlong_buffer.len",
+            overlong.get("len"),
+            f"must be in (0, roles.rollout.sampling.max_tokens={roles.rollout.sampling.max_tokens}]",
+            "use e.g. a quarter of max_tokens",
+        )
+    unknown = [name for name in trainer.logger if name not in BACKENDS]
+    if unknown:
+        bad("trainer.logger", list(trainer.logger), f"unknown backend(s) {unknown}", f"pick from {list(BACKENDS)}")
+    if trainer.save_freq != 0 and trainer.keep_last < 1:
+        bad(
+            "trainer.keep_last",
+            trainer.keep_last,
+            "at least one checkpoint must be kept",
+            "use 1 or more, or trainer.save_freq=0 to save none",
+        )
+    if trainer.max_consecutive_skipped_steps < 0:
+        bad(
+            "trainer.max_consecutive_skipped_steps",
+            trainer.max_consecutive_skipped_steps,
+            "must be >= 0",
+            "use 0 to never stop for skipped updates",
+        )
+    if cfg.data.max_prompt_length < 1:
+        bad("data.max_prompt_length", cfg.data.max_prompt_length, "must be at least 1", "use e.g. 512")
+
+
+def _check_kv_cache_memory(bad: Report, cfg: RlmeshConfig, memory: HostMemory | None = None) -> None:
+    """On a local CPU run, every engine's KV cache must fit the memory this host has now: each one on the NUMA node
+    vLLM-CPU allocates from (it refuses to start otherwise), all of them in the host's available memory. The request
+    is sized explicitly (rlmesh.roles.rollout.kv_cache), so the same config behaves alike on every machine."""
+    from rlmesh.roles.rollout.kv_cache import GIB, host_memory
+    from rlmesh.roles.rollout.vllm import engine_kv_cache
+
+    rollout = cfg.roles.rollout
+    try:
+        need = engine_kv_cache(rollout, cfg.roles.trainer.model, "cpu")
+    except (OSError, ValueError) as err:  # a hub model not downloaded yet: the engine sizes it when it has the config
+        log.info("KV cache memory not checked: the model config of %s is not readable here (%s)", cfg.model.path, err)
+        return
+    assert need is not None  # on CPU the size is always explicit
+    memory = memory or host_memory()
+    key, value = (
+        ("roles.rollout.kv_cache_memory_gb", rollout.kv_cache_memory_gb)
+        if need.explicit
+        else ("roles.rollout.max_num_seqs", rollout.max_num_seqs)
+    )
+    fix = (
+        f"lower roles.rollout.max_num_seqs (now {rollout.max_num_seqs}) or roles.rollout.max_model_len (now "
+        f"{rollout.max_model_len or 'the model limit'}, {need.tokens_per_seq} tokens in whole blocks), or set "
+        "roles.rollout.kv_cache_memory_gb to a size that fits"
+    )
+    if memory.node_available_bytes is not None and need.bytes > memory.node_available_bytes:
+        why = (
+            f"each engine's KV cache needs {need.describe()}, but NUMA node {memory.node} has "
+            f"{memory.node_available_bytes / GIB:.2f} GiB available, and vLLM-CPU allocates it there"
+        )
+        bad(key, value, why, fix)
+    elif need.bytes * rollout.num_engines > memory.available_bytes:
+        why = (
+            f"{rollout.num_engines} engine(s) × {need.describe()} need "
+            f"{need.bytes * rollout.num_engines / GIB:.2f} GiB, but this host has "
+            f"{memory.available_bytes / GIB:.2f} GiB available"
+        )
+        bad(key, value, why, fix + ", or lower roles.rollout.num_engines")
 
 
 def _check_weight_sync(bad: Report, cfg: RlmeshConfig, device: str) -> str:
@@ -377,6 +508,16 @@ def _check_model_path(bad: Report, key: str, path: str) -> None:
     if Path(path).is_dir():
         if not (Path(path) / "config.json").is_file():
             bad(key, path, "the folder has no config.json", "point to a Hugging Face model folder")
+        elif not any(Path(path).glob("*.safetensors")):
+            pickled = sorted(p.name for p in Path(path).glob("*.bin")) + sorted(p.name for p in Path(path).glob("*.pt"))
+            bad(
+                key,
+                path,
+                f"the folder has no *.safetensors weights{f' (only {pickled})' if pickled else ''}; rlmesh loads "
+                "weights only from safetensors, since unpickling a .bin or .pt file can run code",
+                "convert it once: AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder) writes "
+                "model.safetensors (load it that way only if you trust the file)",
+            )
         return
     if _looks_like_hub_name(path):
         from huggingface_hub import try_to_load_from_cache

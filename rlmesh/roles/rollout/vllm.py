@@ -14,6 +14,7 @@ from typing import Any
 from rlmesh.config import ModelConfig, RolloutConfig, SamplingConfig
 from rlmesh.mesh import endpoint
 from rlmesh.roles.rollout.base import Sample
+from rlmesh.roles.rollout.kv_cache import KVCacheNeed, kv_cache_need
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +54,42 @@ def engine_dtype(config: RolloutConfig, model: ModelConfig, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
+def engine_kv_cache(config: RolloutConfig, model: ModelConfig, device: str) -> KVCacheNeed | None:
+    """The KV cache one engine gets: on CPU always an explicit size (roles.rollout.kv_cache_memory_gb, else what
+    max_num_seqs × max_model_len need), never a fraction of memory; on GPU the explicit size if set, else None
+    (vLLM sizes it from gpu_memory_utilization of the free device memory)."""
+    explicit = getattr(config, "kv_cache_memory_gb", None)
+    if device.startswith("cuda") and explicit is None:
+        return None
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+    return kv_cache_need(
+        hf_config=hf_config,
+        dtype=engine_dtype(config, model, device),
+        max_num_seqs=int(config.max_num_seqs),
+        max_model_len=config.max_model_len,
+        explicit_gb=explicit,
+    )
+
+
 def engine_settings(config: RolloutConfig, model: ModelConfig, *, seed: int, device: str) -> dict[str, Any]:
     """vLLM AsyncEngineArgs for one rollout engine, from the rollout and model config."""
     from rlmesh.sync.vllm_worker import WORKER_EXTENSION
 
     tp = int(config.tensor_parallel_size)
-    kv_gb = getattr(config, "kv_cache_memory_gb", None)
+    kv_cache = engine_kv_cache(config, model, device)
     on_gpu = device.startswith("cuda")
     return dict(
         model=model.path,
         tokenizer=model.path,
+        load_format="safetensors",  # never a pickled .bin or .pt: unpickling a downloaded file can run its code
         trust_remote_code=model.trust_remote_code,
         dtype=engine_dtype(config, model, device),
         seed=seed,
         gpu_memory_utilization=config.gpu_memory_utilization,
         # An explicit KV size also skips the CPU warm-up pass: engine start 13 s instead of about 19 s here.
-        kv_cache_memory_bytes=None if kv_gb is None else int(kv_gb * (1 << 30)),
+        kv_cache_memory_bytes=None if kv_cache is None else kv_cache.bytes,
         max_model_len=config.max_model_len,
         max_num_seqs=config.max_num_seqs,
         enforce_eager=config.enforce_eager,
@@ -228,8 +249,13 @@ class VLLMRollout:
 
     @endpoint
     async def join_weight_group(self, request: str) -> list[int]:
-        """Every worker joins the weight-sync group described by `request` (JSON, see CollectiveWeightSync)."""
-        timeout_s = float(json.loads(request)["timeout_s"])
+        """Every worker joins the weight-sync group described by `request` (JSON, see CollectiveWeightSync), its gloo
+        device listening on this actor's bind_host() (the workers run outside Ray and cannot ask it)."""
+        from rlmesh.mesh.collective import bind_host
+
+        spec = json.loads(request)
+        timeout_s = float(spec["timeout_s"])
+        request = json.dumps({**spec, "listen_on": bind_host()})
         ranks = await self._engine.collective_rpc("rlmesh_join_weight_group", timeout=timeout_s + 5, args=(request,))
         return sorted(int(r) for r in ranks)
 
