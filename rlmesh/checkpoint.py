@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -71,6 +72,37 @@ def _remove_tree_atomically(folder: Path, root: Path) -> None:
     doomed = Path(tempfile.mkdtemp(prefix=f"{STALE_PREFIX}removing-{folder.name}-", dir=root))
     os.replace(folder, doomed / folder.name)
     shutil.rmtree(doomed)
+
+
+def disk_full(err: BaseException) -> str:
+    """Why `err` (or an error it was raised from, or a remote one Ray wrapped as text) says the disk is full, or ''."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    text = str(err)
+    for message in (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)):
+        if message in text:
+            return message
+    return ""
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def out_of_space(root: Path, previous: Path | None) -> str:
+    """Why a save under `root` could not fit, or '': less room left than the last checkpoint took (or than 64 MB
+    without one). Writers do not always say so themselves: torch.save on a full disk reports an 'iostream error'."""
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return ""
+    needed = folder_bytes(previous) if previous is not None else 64 << 20
+    if free >= needed:
+        return ""
+    return f"{free / 1e6:.1f} MB free under {root}, and a checkpoint takes {needed / 1e6:.1f} MB"
 
 
 def is_complete(folder: Path) -> bool:

@@ -12,12 +12,22 @@ from typing import Any, Protocol
 import torch
 
 from rlmesh.algo import apply_kl_penalty, get_advantage_estimator, make_kl_controller
-from rlmesh.checkpoint import CheckpointManager, capture_rng, load_controller_state, restore_rng, save_controller_state
+from rlmesh.checkpoint import (
+    CheckpointManager,
+    capture_rng,
+    disk_full,
+    load_controller_state,
+    out_of_space,
+    restore_rng,
+    save_controller_state,
+)
 from rlmesh.config import RlmeshConfig, SamplingConfig
 from rlmesh.data import Batch, PromptLoader, PromptRow
-from rlmesh.mesh import ActorMesh, MeshFuture, wait_all
+from rlmesh.mesh import ActorDiedError, ActorMesh, wait_all
 from rlmesh.metrics import data_metrics, reward_metrics, throughput_metrics, validation_metrics
+from rlmesh.recovery import RoleCall, RunFailed, RunInterrupted, SkippedUpdates, StopRequest
 from rlmesh.roles.rollout.base import Sample, sampling_seed
+from rlmesh.sync.transports import WeightSyncError
 from rlmesh.tracking import ProgressBar, Tracker, timed
 
 log = logging.getLogger(__name__)
@@ -50,9 +60,14 @@ class RLLoop:
         pad_token_id: int,
         run_dir: Path,
         tracker: Tracker,
+        stop: StopRequest | None = None,
+        startup_metrics: dict[str, float] | None = None,
     ) -> None:
         self.cfg, self.roles, self.train_prompts, self.val_prompts = cfg, roles, train_prompts, val_prompts
         self.pad_token_id, self.run_dir, self.tracker = pad_token_id, run_dir, tracker
+        self.stop = stop or StopRequest()
+        self.startup_metrics = startup_metrics or {}
+        self.skipped_updates = SkippedUpdates(cfg.trainer.max_consecutive_skipped_steps)
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.trainer.keep_last)
         kl = cfg.algorithm.kl_ctrl
         self.kl_ctrl = make_kl_controller(kl.type, kl.kl_coef, kl.target_kl, kl.horizon)
@@ -67,6 +82,7 @@ class RLLoop:
     def step(self, step: int) -> dict[str, float]:
         cfg, roles, metrics = self.cfg, self.roles, {"training/global_step": float(step)}
         t_step = time.perf_counter()
+        rollout_faults = roles.rollout.fault_counts()
         # 1. generate n responses per prompt (and score them, when dynamic sampling must filter on the score)
         batch = self.rollout_batch(step, metrics)
         if self.engines_sleep:  # colocated engines hand the GPU to training until the sync: KV cache freed
@@ -74,16 +90,18 @@ class RLLoop:
         # 2. reward, reference log-probs, old log-probs and values: issued together, awaited together
         issued = time.perf_counter()
         pending = {
-            "reward": None if "token_level_scores" in batch else roles.reward.score.shard(batch),
-            "ref": roles.reference.compute_ref_logprobs.shard(batch) if roles.reference else None,
-            "old_log_prob": roles.trainer.compute_logprobs.shard(batch)
+            "reward": None if "token_level_scores" in batch else self.score(batch),
+            "ref": self.reference_logprobs(batch) if roles.reference else None,
+            "old_log_prob": RoleCall("trainer", roles.trainer, roles.trainer.compute_logprobs.shard(batch))
             if cfg.algorithm.recompute_old_logprobs
             else None,
-            "values": roles.critic.compute_values.shard(batch) if roles.critic else None,
+            "values": RoleCall("critic", roles.critic, roles.critic.compute_values.shard(batch))
+            if roles.critic
+            else None,
         }
-        for name, future in pending.items():
-            if future is not None:
-                batch = merge(batch, self.wait_timed(future, name, issued, metrics))
+        for name, call in pending.items():
+            if call is not None:
+                batch = merge(batch, self.wait_timed(call, name, issued, metrics))
         if not cfg.algorithm.recompute_old_logprobs:
             batch["old_logprobs"] = batch["rollout_logprobs"]
         # 3. advantages, on the controller
@@ -91,8 +109,8 @@ class RLLoop:
             batch, kl_metrics = self.compute_advantages(batch)
         # 4. critic and policy updates, issued together
         issued = time.perf_counter()
-        critic_update = roles.critic.update.shard(batch) if roles.critic else None
-        actor_update = roles.trainer.update.shard(batch)  # the roles reduce their metrics over ranks
+        critic_update = RoleCall("critic", roles.critic, roles.critic.update.shard(batch)) if roles.critic else None
+        actor_update = RoleCall("trainer", roles.trainer, roles.trainer.update.shard(batch))  # metrics over ranks
         if critic_update is not None:
             metrics |= self.wait_timed(critic_update, "update_critic", issued, metrics)
         metrics |= self.wait_timed(actor_update, "update_actor", issued, metrics)
@@ -106,6 +124,9 @@ class RLLoop:
             max_response_length=cfg.roles.rollout.sampling.max_tokens,
             max_prompt_length=cfg.data.max_prompt_length,
         )
+        after = roles.rollout.fault_counts()  # requests re-issued after their engine died, engines replaced
+        metrics["rollout/retried_requests"] = float(after["retried_calls"] - rollout_faults["retried_calls"])
+        metrics["rollout/restarted_engines"] = float(after["restarted_actors"] - rollout_faults["restarted_actors"])
         metrics["timing_s/step"] = time.perf_counter() - t_step
         metrics |= throughput_metrics(batch, metrics["timing_s/step"], self.n_devices)
         return metrics
@@ -125,7 +146,7 @@ class RLLoop:
         while True:
             draws += 1
             with timed(metrics, "reward"):
-                batch = merge(batch, self.roles.reward.score.shard(batch).result())
+                batch = merge(batch, self.score(batch).result(metrics))
             varied = varied_groups(batch, self.n)
             kept.append(batch[varied])
             flat.append(batch[~varied])
@@ -206,10 +227,10 @@ class RLLoop:
         """Push the trainer's weights to the engines. Sleeping engines first wake their weights (the sync writes
         into them), and re-allocate their KV cache only after it, so the two never need the GPU at once."""
         if not self.engines_sleep:
-            return self.roles.weight_sync.push(version=version)
+            return self.push_weights(version)
         self.roles.rollout.wake_up.all(["weights"]).result()
         try:
-            metrics = self.roles.weight_sync.push(version=version)
+            metrics = self.push_weights(version)
         except BaseException:
             with contextlib.suppress(Exception):  # the sync's error says more than a wake-up that failed after it
                 self.roles.rollout.wake_up.all(["kv_cache"]).result()
@@ -217,9 +238,28 @@ class RLLoop:
         self.roles.rollout.wake_up.all(["kv_cache"]).result()
         return metrics
 
-    @staticmethod
-    def wait_timed(future: MeshFuture[Any], name: str, issued: float, metrics: dict[str, float]) -> Any:
-        result = future.result()
+    def score(self, batch: Batch) -> RoleCall:
+        reward = self.roles.reward
+        return RoleCall("reward", reward, reward.score.shard(batch), lambda: reward.score.shard(batch))
+
+    def reference_logprobs(self, batch: Batch) -> RoleCall:
+        reference = self.roles.reference
+        assert reference is not None
+        issue = lambda: reference.compute_ref_logprobs.shard(batch)  # noqa: E731
+        return RoleCall("reference", reference, issue(), issue)
+
+    def push_weights(self, version: int) -> dict[str, float]:
+        """One sync; if it fails (an engine died during it, say), dead engines are replaced and it is tried once more:
+        the restart hook gives every engine the weights again, so no engine serves a half-loaded model."""
+        try:
+            return self.roles.weight_sync.push(version=version)
+        except WeightSyncError as err:
+            restarted = self.roles.rollout.restart_dead()
+            log.warning("weight sync %d failed (%s); restarted engines %s, syncing again", version, err, restarted)
+            return self.roles.weight_sync.push(version=version) | {"recovery/rollout_restarts": float(len(restarted))}
+
+    def wait_timed(self, call: RoleCall, name: str, issued: float, metrics: dict[str, float]) -> Any:
+        result = call.result(metrics)
         metrics[f"timing_s/{name}"] = time.perf_counter() - issued
         return result
 
@@ -232,14 +272,30 @@ class RLLoop:
         metrics: dict[str, float] = {}
         with timed(metrics, "testing"):
             batch = self.generate(self.val_prompts, rollout.val_n, rollout.val_sampling, step=-1)
-            scored = self.roles.reward.score.shard(batch).result()
+            scored = self.score(batch).result(metrics)
         accs = scored.get("acc")
         return metrics | validation_metrics(batch["data_source"], scored["score"], accs, rollout.val_n)
 
     # ---------------------------------------------------------------- checkpoints
 
     def save(self, step: int) -> None:
-        """Every role writes into one staging folder, which becomes step_N atomically once all have succeeded."""
+        """Every role writes into one staging folder, which becomes step_N atomically once all have succeeded.
+        A failed save leaves the previous checkpoints as they were; a full disk is named as the cause."""
+        try:
+            self._save(step)
+        except Exception as err:
+            previous = self.checkpoints.latest()
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            full = disk_full(err) or out_of_space(self.checkpoints.root, previous)
+            if full:
+                raise RunFailed(
+                    f"step {step}: the checkpoint could not be written because the disk is full ({full}); "
+                    f"{kept}. Free space under {self.checkpoints.root} or point trainer.output_dir at a larger disk, "
+                    f"lower trainer.keep_last, then resume with trainer.resume=auto"
+                ) from err
+            raise RunFailed(f"step {step}: the checkpoint could not be written ({err}); {kept}") from err
+
+    def _save(self, step: int) -> None:
         with self.checkpoints.saving(step) as staging:
             saves = [self.roles.trainer.save_checkpoint.all(str(staging))]
             if self.roles.critic is not None:
@@ -279,26 +335,59 @@ class RLLoop:
         history: list[dict[str, float]] = []
         bar = ProgressBar(total_steps, initial_step=start - 1, enabled=trainer_cfg.progress_bar)
         try:
-            if trainer_cfg.val_before_train and trainer_cfg.test_freq > 0 and start == 1:
-                val = self.validate(0)
-                self.tracker.log(val, step=0)
-                bar.update(0, val)
+            # The data report (rows kept and skipped) goes with step 0, or with the first step of a resumed run.
+            pending = dict(self.startup_metrics)
+            if start == 1:
+                if trainer_cfg.val_before_train and trainer_cfg.test_freq > 0:
+                    pending |= self.validate(0)
+                    bar.update(0, pending)
+                if pending:
+                    self.tracker.log(pending, step=0)
+                pending = {}
             for step in range(start, total_steps + 1):
-                metrics = self.step(step)
+                metrics = pending | self.step_or_fail(step)
+                pending = {}
                 last = step == total_steps
                 if trainer_cfg.test_freq > 0 and (step % trainer_cfg.test_freq == 0 or last):
                     metrics |= self.validate(step)
-                if trainer_cfg.save_freq != 0 and (
+                due = trainer_cfg.save_freq != 0 and (
                     last or (trainer_cfg.save_freq > 0 and step % trainer_cfg.save_freq == 0)
-                ):
+                )
+                if due or (self.stop.signal_name and trainer_cfg.save_freq != 0):
                     with timed(metrics, "save_checkpoint"):
                         self.save(step)
                 self.tracker.log(metrics, step=step)
                 bar.update(step, metrics)
                 history.append(metrics)
+                stuck = self.skipped_updates.check(metrics)
+                if stuck:
+                    raise RunFailed(f"step {step}: {stuck}. {self.resume_hint()}")
+                if self.stop.signal_name and not last:
+                    raise RunInterrupted(self.interrupted_message(step), self.stop.signal_name)
         finally:
             bar.close()
         return history
+
+    def step_or_fail(self, step: int) -> dict[str, float]:
+        """One step; an actor that died and could not be replaced ends the run with an error naming the step."""
+        try:
+            return self.step(step)
+        except ActorDiedError as err:
+            raise RunFailed(f"step {step}: {err}. {self.resume_hint()}") from err
+
+    def resume_hint(self) -> str:
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return "No checkpoint was written yet."
+        return f"The last checkpoint is {latest}; continue from it with trainer.resume=auto."
+
+    def interrupted_message(self, step: int) -> str:
+        saved = self.cfg.trainer.save_freq != 0
+        where = f"checkpoint {self.checkpoints.latest()} written" if saved else "no checkpoint (trainer.save_freq=0)"
+        return (
+            f"stopped by {self.stop.signal_name} after step {step}: {where}. Continue with trainer.resume=auto "
+            f"(and the same trainer.output_dir={self.run_dir})."
+        )
 
 
 def merge(batch: Batch, extra: Batch) -> Batch:

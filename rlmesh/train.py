@@ -10,6 +10,10 @@ import inspect
 import logging
 import math
 import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -20,10 +24,12 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from rlmesh.config import RlmeshConfig
-from rlmesh.config_checks import RunPlan, check_cluster_resources, check_config, colocated_resources
+from rlmesh.config import RlmeshConfig, unknown_keys
+from rlmesh.config_checks import ConfigError, RunPlan, check_cluster_resources, check_config, colocated_resources
 from rlmesh.loop import RLLoop, Roles
 from rlmesh.mesh import ActorMesh, Placement, PlacementError
+from rlmesh.mesh.collective import BIND_HOST_ENV
+from rlmesh.recovery import RunFailed, RunInterrupted, StopRequest
 
 log = logging.getLogger("rlmesh")
 
@@ -32,13 +38,29 @@ OmegaConf.register_new_resolver("rlmesh_asset", lambda name: str(ASSETS / name),
 ConfigStore.instance().store(name="rlmesh_schema", node=RlmeshConfig)
 
 
+# Exit codes of a run stopped by a signal, as shells report them (128 + the signal's number).
+SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    except RunInterrupted as stopped:
+        log.error("%s", stopped)
+        sys.exit(SIGNAL_EXIT_CODES.get(stopped.signal_name, 1))
+    except (RunFailed, ConfigError, DataError) as failed:
+        log.error("%s", failed)  # the message says what failed and what to do; a traceback would bury it
+        sys.exit(1)
 
 
 def run(cfg: DictConfig) -> list[dict[str, float]]:
     """Validate everything, then train. Returns the per-step metrics."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(
+            [f"{key}: not a key rlmesh knows. Fix: check its spelling in rlmesh/config.py" for key in unknown]
+        )
     typed: RlmeshConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]  # schema type errors name the key
     plan = check_config(typed)
     run_dir = Path(typed.trainer.output_dir).resolve()
@@ -48,12 +70,13 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(typed.model.path, trust_remote_code=typed.model.trust_remote_code)
-    train_prompts, val_prompts = build_prompts(typed, tokenizer)
+    train_prompts, val_prompts, data_report = build_prompts(typed, tokenizer)
     total_steps = typed.trainer.total_steps or typed.trainer.total_epochs * len(train_prompts)
 
     release = contextlib.ExitStack()  # Ray (if we start it), placements and meshes, released last-made first
     if start_ray(typed, plan):
         release.callback(ray.shutdown)
+    stop = release.enter_context(stop_on_signals())  # after ray.init, which installs a SIGTERM handler of its own
     try:
         check_cluster_resources(plan, ray.cluster_resources())
         roles = build_roles(typed, plan, total_steps, release)
@@ -65,7 +88,7 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
             run_dir, list(typed.trainer.logger), typed.trainer.project_name, typed.trainer.experiment_name, container
         ) as tracker:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            loop = RLLoop(typed, roles, train_prompts, val_prompts, pad, run_dir, tracker)
+            loop = RLLoop(typed, roles, train_prompts, val_prompts, pad, run_dir, tracker, stop, data_report)
             history = loop.fit(total_steps)
         if typed.trainer.plot and "jsonl" in typed.trainer.logger:
             png = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
@@ -75,8 +98,39 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
         release.close()  # every callback runs, even after one fails
 
 
-def build_prompts(cfg: RlmeshConfig, tokenizer: Any) -> tuple[Any, list[Any]]:
-    """The training loader and the validation prompts, from a synthetic task or verl-format files."""
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """While training, the first Ctrl-C (SIGINT) or SIGTERM asks the loop to stop after the current step, with a
+    checkpoint; a second one interrupts at once (actors are still shut down on the way out). Off the main thread,
+    where Python cannot take signals, nothing is installed."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if stop.signal_name is not None:
+            raise KeyboardInterrupt(f"second {name}: stopping now, without a checkpoint")
+        stop.signal_name = name
+        log.warning("%s: stopping after this step, with a checkpoint (send it again to stop now)", name)
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class DataError(ValueError):
+    """The training or validation data cannot be used; the message names the config key and the bad row or file."""
+
+
+def build_prompts(cfg: RlmeshConfig, tokenizer: Any) -> tuple[Any, list[Any], dict[str, float]]:
+    """The training loader, the validation prompts, and counts of the rows skipped (data/<split>/malformed_rows,
+    data/<split>/filtered_rows), from a synthetic task or verl-format files. Unusable data raises DataError naming
+    the key to change."""
     from rlmesh.data import PromptDataset, PromptLoader, make_task_rows
 
     data = cfg.data
@@ -86,6 +140,7 @@ def build_prompts(cfg: RlmeshConfig, tokenizer: Any) -> tuple[Any, list[Any]]:
         apply_chat_template=data.apply_chat_template,
         strict=data.strict,
     )
+    keys = "data.max_prompt_length, data.truncation (error | filter | truncate_left | truncate_right), data.strict"
     val: PromptDataset | None
     if data.task is not None:
         rows = make_task_rows(data.task, data.train_size, cfg.trainer.seed, "train", **data.task_kwargs)
@@ -93,10 +148,28 @@ def build_prompts(cfg: RlmeshConfig, tokenizer: Any) -> tuple[Any, list[Any]]:
         val_rows = make_task_rows(data.task, data.val_size, cfg.trainer.seed, "test", **data.task_kwargs)
         val = PromptDataset.from_rows(val_rows, tokenizer, name=f"{data.task}/test", **options)
     else:
-        train = PromptDataset(list(data.train_files), tokenizer, **options)
-        val = PromptDataset(list(data.val_files), tokenizer, split="test", **options) if data.val_files else None
-    loader = PromptLoader(train, data.train_batch_size, shuffle=data.shuffle, seed=cfg.trainer.seed)
-    return loader, [val[i] for i in range(len(val))] if val is not None else []
+        try:
+            train = PromptDataset(list(data.train_files), tokenizer, **options)
+        except (ValueError, OSError, KeyError) as err:
+            raise DataError(f"data.train_files={list(data.train_files)}: {err}. Related keys: {keys}") from err
+        try:
+            val = PromptDataset(list(data.val_files), tokenizer, split="test", **options) if data.val_files else None
+        except (ValueError, OSError, KeyError) as err:
+            raise DataError(f"data.val_files={list(data.val_files)}: {err}. Related keys: {keys}") from err
+    try:
+        loader = PromptLoader(train, data.train_batch_size, shuffle=data.shuffle, seed=cfg.trainer.seed)
+    except ValueError as err:
+        raise DataError(
+            f"data.train_batch_size={data.train_batch_size}: {err}. Lower data.train_batch_size (and "
+            "roles.trainer.ppo_mini_batch_size with it), or add rows"
+        ) from err
+    report: dict[str, float] = {}
+    for split, dataset in (("train", train), ("val", val)):
+        if dataset is not None:
+            report[f"data/{split}/rows"] = float(len(dataset))
+            report[f"data/{split}/malformed_rows"] = float(dataset.num_malformed)
+            report[f"data/{split}/filtered_rows"] = float(dataset.num_filtered)
+    return loader, [val[i] for i in range(len(val))] if val is not None else [], report
 
 
 def start_ray(cfg: RlmeshConfig, plan: RunPlan) -> bool:
@@ -110,13 +183,16 @@ def start_ray(cfg: RlmeshConfig, plan: RunPlan) -> bool:
     cpus = math.ceil(cluster.num_cpus or sum(r.get("CPU", 0.0) for r in plan.resources.values()) + 1)
     gpus = cluster.num_gpus if cluster.num_gpus is not None else (cfg.trainer.n_gpus if plan.device == "cuda" else 0)
     path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+    # Ray 2.60 replaces a loopback node address with the machine's reachable one and binds its own servers to all
+    # interfaces, so its token authentication is what guards them: Ray turns it on for a new local cluster unless
+    # RAY_AUTH_MODE says otherwise. rlmesh's own stores and collective groups listen on loopback.
     ray.init(
         num_cpus=cpus,
         num_gpus=gpus,
         include_dashboard=False,
-        _node_ip_address="127.0.0.1",
         log_to_driver=True,
-        runtime_env={"env_vars": {"PYTHONPATH": path}},  # user role classes in the working dir import in workers
+        # PYTHONPATH: user role classes in the working directory import in the workers.
+        runtime_env={"env_vars": {"PYTHONPATH": path, BIND_HOST_ENV: "127.0.0.1"}},
     )
     return True
 

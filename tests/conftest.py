@@ -26,7 +26,12 @@ def ray_cluster() -> Iterator[None]:
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}},
+        runtime_env={
+            "env_vars": {
+                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                "RLMESH_BIND_HOST": "127.0.0.1",  # as a local `python -m rlmesh.train` sets it
+            }
+        },
     )
     try:
         yield
@@ -40,3 +45,27 @@ def compose_config(*overrides: str) -> DictConfig:
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+# Metrics that depend on timing, and those computed from float reductions whose order can change with how requests
+# were batched (the rollout's old log-probs differ by ~1e-7 between identical runs, so the PPO losses do too).
+NOT_REPRODUCIBLE = ("timing_s/", "perf/", "sync/")
+FLOAT_REDUCTIONS = ("actor/", "critic/values", "critic/returns", "critic/vf")
+
+
+def assert_same_run(want: list[dict[str, float]], got: list[dict[str, float]]) -> None:
+    """Two runs' step metrics agree: exactly where they follow from the sampled tokens and scores (a resume bug
+    changes those outright), to 1e-5 relative where float reductions make them."""
+    import pytest
+
+    assert [m["training/global_step"] for m in got] == [m["training/global_step"] for m in want]
+    for expected, actual in zip(want, got, strict=True):
+        step = int(expected["training/global_step"])
+        assert set(expected) <= set(actual), f"step {step}: missing {sorted(set(expected) - set(actual))}"
+        for key, value in expected.items():
+            if key.startswith(NOT_REPRODUCIBLE):
+                continue
+            if key.startswith(FLOAT_REDUCTIONS):
+                assert actual[key] == pytest.approx(value, rel=1e-5, abs=1e-9), f"step {step}: {key}"
+            else:
+                assert actual[key] == value, f"step {step}: {key} {actual[key]} != {value}"

@@ -76,7 +76,13 @@ def load_hub_dataset(name: str, *, split: str, hub_config: str | None = None) ->
 
 def _read_file(path: Path) -> list[Any]:
     if path.suffix in PARQUET_SUFFIXES:
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+            raise ValueError(
+                f"{str(path)!r} is not a readable parquet file ({type(error).__name__}: {error}); it may be truncated "
+                "or corrupted: write it again (scripts/make_synthetic_data.py, scripts/prepare_gsm8k.py)"
+            ) from error
     if path.suffix == ".jsonl" or (path.suffix == ".json" and not _starts_with(path, "[")):
         return _read_json_lines(path)
     if path.suffix == ".json":
