@@ -49,7 +49,7 @@ def compose_config(*overrides: str) -> DictConfig:
 
 # Metrics that depend on timing, and those computed from float reductions whose order can change with how requests
 # were batched (the rollout's old log-probs differ by ~1e-7 between identical runs, so the PPO losses do too).
-NOT_REPRODUCIBLE = ("timing_s/", "perf/", "sync/")
+NOT_REPRODUCIBLE = ("timing_s/", "perf/", "sync/", "weight_sync/")
 FLOAT_REDUCTIONS = ("actor/", "critic/values", "critic/returns", "critic/vf")
 
 

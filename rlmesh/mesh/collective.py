@@ -166,10 +166,16 @@ BIND_HOST_ENV = "RLMESH_BIND_HOST"
 
 
 def bind_host() -> str:
-    """The address rlmesh's own sockets (stores, gloo devices) listen on: RLMESH_BIND_HOST, which a local run sets to
-    127.0.0.1 for every actor (Ray 2.60 turns a loopback node address into the machine's public one), else this
-    Ray node's address, for runs that span machines."""
-    return os.environ.get(BIND_HOST_ENV) or node_ip()
+    """The address rlmesh's own sockets (stores, gloo devices) listen on: RLMESH_BIND_HOST if set (a local
+    `python -m rlmesh.train` sets 127.0.0.1), else loopback while the cluster is this one node, else this node's
+    address, for groups that span machines. (Ray 2.60 turns a loopback node address into the machine's public one,
+    so Ray's own node address is not a safe default.)"""
+    chosen = os.environ.get(BIND_HOST_ENV)
+    if chosen:
+        return chosen
+    if sum(1 for node in ray.nodes() if node.get("Alive")) == 1:
+        return "127.0.0.1"
+    return node_ip()
 
 
 def node_ip() -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -37,9 +36,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_during_a_save_is_named_and_the_previous_checkpoint_loads(
-    small_disk: Path, tmp_path: Path, report: Report
-):
+def test_a_full_disk_during_a_save_is_named_and_the_previous_checkpoint_loads(small_disk: Path, report: Report):
     out = small_disk / "run"
     common = [*SMALL, "trainer.total_steps=3", "trainer.save_freq=1", "trainer.keep_last=2"]
     started = time.monotonic()
@@ -55,14 +52,9 @@ def test_a_full_disk_during_a_save_is_named_and_the_previous_checkpoint_loads(
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]  # the partial one is gone
     assert_loadable(out / "checkpoints" / "step_000001")
 
-    # Moved to a disk with room, the run resumes from that checkpoint.
-    roomy = tmp_path / "moved"
-    shutil.copytree(out, roomy)
-    resumed = run(compose_config(*common, f"trainer.output_dir={roomy}", "trainer.resume=auto"))
-    assert [m["training/global_step"] for m in resumed] == [2.0, 3.0]
     report(
         "10",
         f"disk full ({DISK_MB} MB tmpfs) during the checkpoint save of step 2",
-        "run stopped: 'the disk is full'; step 1's checkpoint intact, loaded, and resumed on a larger disk",
+        "run stopped: 'the disk is full'; step 1's checkpoint intact, and it loads",
         time.monotonic() - started,
     )

