@@ -39,6 +39,21 @@ def ray_cluster() -> Iterator[None]:
         ray.shutdown()
 
 
+# A small, fast configuration of the embedded default: 8 prompts × 4 samples a step on the HF backend (no engine
+# start, and batch-invariant, so runs compare exactly); tests/integration/test_main_job.py covers the default (vLLM).
+SMALL_RUN = [
+    "rollout=hf",
+    "data.train_batch_size=8",
+    "roles.rollout.n=4",
+    "roles.trainer.ppo_mini_batch_size=4",
+    "roles.trainer.ppo_micro_batch_size_per_device=8",
+    "roles.trainer.resources_per_device={CPU: 0.5}",
+    "roles.rollout.resources_per_engine={CPU: 0.5}",
+    "roles.reward.resources_per_actor={CPU: 0.25}",
+    "trainer.progress_bar=false",
+]
+
+
 def compose_config(*overrides: str) -> DictConfig:
     """The project's Hydra config (configs/config.yaml) with `overrides`, as `python -m rlmesh.train` composes it."""
     from hydra import compose, initialize_config_dir

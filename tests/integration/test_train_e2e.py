@@ -14,24 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlmesh.config_checks import check_config
 from rlmesh.train import build_roles, run
-from tests.conftest import REPO, compose_config
+from tests.conftest import REPO, SMALL_RUN, compose_config
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
-# A small, fast configuration of the embedded default: 8 prompts × 4 samples per step.
-SMALL = [
-    "rollout=hf",  # most tests use the HF backend (no engine start); test_grpo_on_vllm covers the default
-    "data.train_batch_size=8",
-    "data.val_size=16",
-    "roles.rollout.n=4",
-    "roles.trainer.ppo_mini_batch_size=4",
-    "roles.trainer.ppo_micro_batch_size_per_device=8",
-    "roles.trainer.resources_per_device={CPU: 0.5}",
-    "roles.rollout.resources_per_engine={CPU: 0.5}",
-    "roles.reward.resources_per_actor={CPU: 0.25}",
-    "trainer.progress_bar=false",
-    "trainer.logger=[jsonl,tensorboard]",
-]
+SMALL = [*SMALL_RUN, "data.val_size=16", "trainer.logger=[jsonl,tensorboard]"]
 
 
 def config(tmp_path: Path, *overrides: str) -> DictConfig:

@@ -24,26 +24,11 @@ import torch
 from rlmesh.checkpoint import COMPLETE_MARKER, CheckpointManager
 from rlmesh.recovery import RunFailed
 from rlmesh.train import run
-from tests.conftest import REPO, assert_same_run, compose_config
+from tests.conftest import REPO, SMALL_RUN, assert_same_run, compose_config
 from tests.reliability.conftest import Report
 from tests.reliability.faults import PLAN_ENV, events, write_plan
 
-# 8 prompts × 4 samples a step on the HF backend, which is batch-invariant: a resumed run can be compared with an
-# uninterrupted one bit for bit (vLLM batches requests by arrival, which shifts float sums between runs).
-SMALL = [
-    "rollout=hf",
-    "data.train_batch_size=8",
-    "roles.rollout.n=4",
-    "roles.trainer.ppo_mini_batch_size=4",
-    "roles.trainer.ppo_micro_batch_size_per_device=8",
-    "roles.trainer.resources_per_device={CPU: 0.5}",
-    "roles.rollout.resources_per_engine={CPU: 0.5}",
-    "roles.reward.resources_per_actor={CPU: 0.25}",
-    "trainer.progress_bar=false",
-    "trainer.logger=[jsonl]",
-    "trainer.val_before_train=false",
-    "trainer.test_freq=-1",
-]
+SMALL = [*SMALL_RUN, "trainer.logger=[jsonl]", "trainer.val_before_train=false", "trainer.test_freq=-1"]
 FAULTY_TRAINER = "roles.trainer._target_=tests.reliability.faults.FaultyTrainer"
 
 
