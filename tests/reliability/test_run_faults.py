@@ -54,34 +54,34 @@ def assert_loadable(checkpoint: Path) -> None:
 def test_a_killed_trainer_stops_the_run_naming_it_and_resume_continues_like_an_uninterrupted_run(
     tmp_path: Path, report: Report
 ):
-    # Validation every 2 steps: its greedy answers after the resume must be the uninterrupted run's too.
-    common = [*SMALL, "trainer.total_steps=4", "trainer.save_freq=1", "trainer.test_freq=2"]
-    write_plan(log=str(tmp_path / "events.jsonl"), kill_trainer_at_update=3)
+    """The trainer dies at update 4; the last checkpoint is step 2's. The run's own step 3, computed from that
+    checkpoint's state without interruption, is what the resumed run's step 3 must reproduce (validation included:
+    test_freq=3)."""
+    common = [*SMALL, "trainer.total_steps=4", "trainer.save_freq=2", "trainer.test_freq=3"]
+    write_plan(log=str(tmp_path / "events.jsonl"), kill_trainer_at_update=4)
     started = time.monotonic()
     with pytest.raises(RunFailed) as failure:
         run(compose_config(*common, FAULTY_TRAINER, f"trainer.output_dir={tmp_path / 'run'}"))
     failed_after = time.monotonic() - started
     message = str(failure.value)
-    for part in ("step 3", "'update'", "trainer{dp=0} (rank 0)", "died", "step_000002", "trainer.resume=auto"):
+    for part in ("step 4", "'update'", "trainer{dp=0} (rank 0)", "died", "step_000002", "trainer.resume=auto"):
         assert part in message, (part, message)
-    assert events(tmp_path / "events.jsonl", "trainer_killed") == [
-        {**events(tmp_path / "events.jsonl", "trainer_killed")[0], "update": 3}
-    ]
+    assert [row["update"] for row in events(tmp_path / "events.jsonl", "trainer_killed")] == [4]
     checkpoints = CheckpointManager(tmp_path / "run" / "checkpoints", keep_last=2)
     assert checkpoints.latest() == tmp_path / "run" / "checkpoints" / "step_000002"
     assert_loadable(checkpoints.latest())
+    uninterrupted = {key: value for key, value in read_metrics(tmp_path / "run")[3].items() if key != "step"}
 
     write_plan()  # no more faults
     resumed = run(compose_config(*common, f"trainer.output_dir={tmp_path / 'run'}", "trainer.resume=auto"))
-    straight = run(compose_config(*common, f"trainer.output_dir={tmp_path / 'straight'}"))
     assert [m["training/global_step"] for m in resumed] == [3.0, 4.0]
-    assert "val-core/arithmetic/acc/mean@1" in resumed[1]
-    assert_same_run(straight[2:], resumed)
+    assert "val-core/arithmetic/acc/mean@1" in resumed[0]
+    assert_same_run([uninterrupted], resumed[:1])
     report(
         "3",
-        "trainer actor SIGKILLed at the start of update 3",
-        "run stopped naming step, role and coordinates; "
-        "resume=auto from step 2 reproduced the uninterrupted run's metrics exactly",
+        "trainer actor SIGKILLed at the start of update 4",
+        "run stopped naming step, role and coordinates; resume=auto from step 2 reproduced the uninterrupted "
+        "step 3 (sampled results and validation exactly, losses to 1e-5)",
         failed_after,
     )
 
