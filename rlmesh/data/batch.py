@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 
-from rlmesh.mesh.wire import tensor_from_wire, tensor_to_wire
+from rlmesh.wire import tensor_from_wire, tensor_to_wire
 
 # Field names the roles and the loop agree on. Any of them may be absent, and other names may be added.
 TOKEN_KEYS = ("prompt_ids", "response_ids", "input_ids", "attention_mask", "position_ids", "response_mask")

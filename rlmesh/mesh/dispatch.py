@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlmesh.mesh.wire import WireTensor
+from rlmesh.wire import WireTensor
 
 
 def _is_shardable_object(x: Any) -> bool:

@@ -26,7 +26,7 @@ from rlmesh.mesh.futures import ActorDiedError, GatheredFuture, MeshFuture, Rout
 from rlmesh.mesh.placement import Placement, PlacementError
 from rlmesh.mesh.routing import Load, RouterLike, make_router
 from rlmesh.mesh.shape import Shape, ShapeLike, select, slice_by_name
-from rlmesh.mesh.wire import WireTensor
+from rlmesh.wire import WireTensor
 
 log = logging.getLogger(__name__)
 
