@@ -33,6 +33,7 @@ from rlmesh.algo import entropy_from_logits_chunked, logprobs_from_logits
 from rlmesh.config import ModelConfig, OptimConfig
 from rlmesh.data.batch import Batch, BatchParts, balanced_partition
 from rlmesh.mesh import current_rank
+from rlmesh.sync.manifest import hf_name
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ DIST_TIMEOUT_S = 600
 # Rows of [tokens, vocab] logits per chunk when computing entropy: 1024 × 152k (Qwen2.5) float32 is 0.6 GB.
 ENTROPY_CHUNK_ROWS = 1024
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Name segments that torch.compile, FSDP1 and activation-checkpoint wrappers insert into parameter names.
-_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
 # ------------------------------------------------------------------------------------------ devices and ranks
@@ -210,14 +209,6 @@ def read_hf_weights(folder: str | Path) -> dict[str, Tensor]:
     for file in files:
         weights.update(load_file(str(file)))
     return weights
-
-
-def hf_name(name: str) -> str:
-    """A parameter name without the prefixes DDP ("module."), torch.compile or FSDP1/checkpoint wrappers add."""
-    while name.startswith("module."):
-        name = name.removeprefix("module.")
-    parts = [part for part in name.split(".") if part not in _WRAPPER_SEGMENTS]
-    return ".".join(parts)
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:

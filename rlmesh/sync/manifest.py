@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 
-# Wrappers insert these path components into parameter names: DDP ('module.'), torch.compile ('_orig_mod.'),
-# FSDP1 ('_fsdp_wrapped_module.') and activation checkpointing ('_checkpoint_wrapped_module.').
-WRAPPER_COMPONENTS = frozenset({"module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+# Components that torch.compile ('_orig_mod'), FSDP1 and activation checkpointing insert into parameter names, at
+# whatever depth they wrap. No model names a submodule so.
+WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+# DDP's 'module.' is a wrapper only in front: DDP wraps the whole model, and 'module' may be a real submodule's name.
+DDP_PREFIX = "module"
 TIED_HEAD = "lm_head.weight"
 TIED_EMBEDDING = "model.embed_tokens.weight"
 TRANSPORTS = ("gloo", "nccl", "cuda_ipc")
@@ -29,8 +31,12 @@ class PlanMismatchError(ValueError):
 
 
 def hf_name(name: str) -> str:
-    """The Hugging Face name of a parameter, with wrapper components (module., _orig_mod., ...) removed anywhere."""
-    return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
+    """The Hugging Face name of a parameter: without the components wrappers add, _orig_mod, _fsdp_wrapped_module
+    and _checkpoint_wrapped_module anywhere, and without DDP's module. in front (under or over other wrappers)."""
+    parts = name.split(".")
+    while parts and parts[0] in WRAPPER_COMPONENTS | {DDP_PREFIX}:
+        parts.pop(0)
+    return ".".join(part for part in parts if part not in WRAPPER_COMPONENTS)
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:

@@ -14,7 +14,6 @@ from rlmesh.roles.model_ops import (
     build_optimizer,
     build_scheduler,
     compute_dtype,
-    hf_name,
     load_value_model,
     micro_batches,
     response_logprobs,
@@ -183,10 +182,3 @@ def test_dtype_auto_is_bfloat16_on_cuda_and_float32_on_cpu() -> None:
     assert compute_dtype("bfloat16", "cpu") == torch.bfloat16
     with pytest.raises(ValueError, match=r"model\.dtype='fp8'"):
         compute_dtype("fp8", "cpu")
-
-
-def test_hf_name_strips_wrapper_prefixes() -> None:
-    assert hf_name("module.model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
-    assert hf_name("_orig_mod.model.embed_tokens.weight") == "model.embed_tokens.weight"
-    assert hf_name("model.layers.1._checkpoint_wrapped_module.mlp.weight") == "model.layers.1.mlp.weight"
-    assert hf_name("lm_head.weight") == "lm_head.weight"

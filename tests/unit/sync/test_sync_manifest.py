@@ -13,14 +13,24 @@ def specs_of(**shapes: tuple[int, ...]) -> list[tuple[str, str, tuple[int, ...]]
     return [(name.replace("__", "."), "float32", shape) for name, shape in shapes.items()]
 
 
-def test_wrapper_components_are_stripped_anywhere_in_the_name():
+def test_wrapper_components_are_stripped_anywhere_and_ddp_module_only_in_front():
     assert hf_name("module.model.embed_tokens.weight") == "model.embed_tokens.weight"
+    assert hf_name("module.model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
     assert hf_name("_orig_mod.model.norm.weight") == "model.norm.weight"
+    assert hf_name("_orig_mod.model.embed_tokens.weight") == "model.embed_tokens.weight"
     assert hf_name("model.layers.0._fsdp_wrapped_module.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
     assert hf_name("model.layers.1._checkpoint_wrapped_module.self_attn.q_proj.bias") == (
         "model.layers.1.self_attn.q_proj.bias"
     )
+    assert hf_name("model.layers.1._checkpoint_wrapped_module.mlp.weight") == "model.layers.1.mlp.weight"
     assert hf_name("lm_head.weight") == "lm_head.weight"
+    # DDP over a compiled model and a compiled DDP model, and DDP twice: every wrapper in front goes.
+    assert hf_name("module._orig_mod.model.norm.weight") == "model.norm.weight"
+    assert hf_name("_orig_mod.module.model.norm.weight") == "model.norm.weight"
+    assert hf_name("module.module.lm_head.weight") == "lm_head.weight"
+    # A submodule really named 'module' inside the model is part of the Hugging Face name.
+    assert hf_name("model.layers.0.adapter.module.weight") == "model.layers.0.adapter.module.weight"
+    assert hf_name("module.vision.module.proj.weight") == "vision.module.proj.weight"
 
 
 def test_tensors_fill_buckets_in_order_at_aligned_offsets():
