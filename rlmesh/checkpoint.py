@@ -1,4 +1,4 @@
-"""Checkpoint folders on disk: atomic commit by rename, keep-last pruning, resume lookup, controller state and RNGs."""
+"""Checkpoint folders: atomic commit by rename, keep-last pruning, resume lookup, controller and rank state, RNGs."""
 
 from __future__ import annotations
 
@@ -304,6 +304,29 @@ def load_controller_state(folder: str | Path) -> dict[str, Any]:
     if torch_path.is_file():
         # weights_only: a checkpoint folder may come from elsewhere; capture_rng keeps its states to tensors and tuples.
         state.update(torch.load(torch_path, map_location="cpu", weights_only=True))
+    return state
+
+
+def save_rank_state(folder: Path, rank: int, state: dict[str, Any]) -> None:
+    """Write one data-parallel rank's training state (optimizer, scheduler, RNGs, ...) to `folder/rank{rank}.pt`;
+    `state["world_size"]` is what load_rank_state checks on resume."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / f"rank{rank}.pt")
+
+
+def load_rank_state(folder: Path, rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's training state from a checkpoint's `folder/rank{rank}.pt`, checked against the world size."""
+    file = folder / f"rank{rank}.pt"
+    if not file.is_file():
+        raise FileNotFoundError(f"no {file}: the checkpoint lacks this rank's training state (was it fully written?)")
+    # weights_only: a checkpoint may come from elsewhere, and a pickle can run code; capture_rng keeps RNG states to
+    # tensors and plain tuples so this loads.
+    state: dict[str, Any] = torch.load(file, map_location="cpu", weights_only=True)
+    if state["world_size"] != world_size:
+        raise ValueError(
+            f"{folder} was written by {state['world_size']} data-parallel ranks but this mesh has {world_size}; "
+            "optimizer states are per rank: resume with the same dp_size"
+        )
     return state
 
 

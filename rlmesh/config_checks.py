@@ -253,7 +253,8 @@ TRANSPORTS = ("auto", "object_store", "gloo", "nccl", "cuda_ipc")
 def _check_role_settings(bad: Report, cfg: RlmeshConfig, use_critic: bool) -> None:
     """Optimizers, schedules, precision, sampling, scoring and logging: each value a role or the tracker would reject
     after the meshes have started is rejected here, with its key."""
-    from rlmesh.roles.model_ops import _DTYPES, LR_SCHEDULERS, STRATEGIES
+    from rlmesh.engine.devices import DTYPES as _DTYPES
+    from rlmesh.engine.train_engine import LR_SCHEDULERS, STRATEGIES
     from rlmesh.roles.rollout.hf import check_sampling
     from rlmesh.tracking import BACKENDS
 

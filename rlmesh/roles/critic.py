@@ -8,26 +8,16 @@ from typing import Any
 import torch
 
 from rlmesh.algo import masked_mean, value_loss
-from rlmesh.checkpoint import capture_rng, restore_rng
+from rlmesh.checkpoint import capture_rng, load_rank_state, restore_rng, save_rank_state
 from rlmesh.config import CriticConfig
 from rlmesh.data.batch import Batch
+from rlmesh.engine.devices import compute_dtype
+from rlmesh.engine.distributed import init_distributed, seed_everything
+from rlmesh.engine.forward import micro_batches, require_fields, response_values, response_width
+from rlmesh.engine.model_io import load_value_model, read_hf_weights
+from rlmesh.engine.train_engine import TrainEngine
+from rlmesh.engine.update import MicroLoss, mean_over_ranks, run_mini_batches
 from rlmesh.mesh import endpoint
-from rlmesh.roles.model_ops import (
-    MicroLoss,
-    TrainEngine,
-    compute_dtype,
-    init_distributed,
-    load_rank_state,
-    load_value_model,
-    mean_over_ranks,
-    micro_batches,
-    read_hf_weights,
-    require_fields,
-    response_values,
-    response_width,
-    run_mini_batches,
-    seed_everything,
-)
 
 SCORE_FIELDS = ["input_ids", "attention_mask", "position_ids", "response_mask"]
 UPDATE_FIELDS = [*SCORE_FIELDS, "values", "returns"]
@@ -135,9 +125,7 @@ class Critic:
         if weights is not None:
             folder = Path(path) / "critic" / "model"
             self.engine.model.save_pretrained(folder, state_dict=weights, safe_serialization=True)
-        state_dir = Path(path) / "critic" / "state"
-        state_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(self._state(), state_dir / f"rank{self.rank}.pt")
+        save_rank_state(Path(path) / "critic" / "state", self.rank, self._state())
 
     @endpoint
     def load_checkpoint(self, path: str) -> None:

@@ -6,8 +6,10 @@ import torch
 
 from rlmesh.config import ModelConfig, ReferenceConfig
 from rlmesh.data.batch import Batch
+from rlmesh.engine.devices import torch_device
+from rlmesh.engine.forward import micro_batches, require_fields, response_logprobs
+from rlmesh.engine.model_io import load_causal_lm
 from rlmesh.mesh import endpoint
-from rlmesh.roles.model_ops import load_causal_lm, micro_batches, require_fields, response_logprobs, torch_device
 
 SCORE_FIELDS = ["input_ids", "attention_mask", "position_ids", "response_mask"]
 

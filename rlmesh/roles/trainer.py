@@ -10,27 +10,16 @@ import torch
 from torch import Tensor
 
 from rlmesh.algo import agg_loss, get_policy_loss, kl_penalty, masked_mean
-from rlmesh.checkpoint import capture_rng, restore_rng
+from rlmesh.checkpoint import capture_rng, load_rank_state, restore_rng, save_rank_state
 from rlmesh.config import ActorConfig
 from rlmesh.data.batch import Batch
+from rlmesh.engine.devices import compute_dtype
+from rlmesh.engine.distributed import init_distributed, seed_everything
+from rlmesh.engine.forward import micro_batches, require_fields, response_logprobs, response_width
+from rlmesh.engine.model_io import load_causal_lm, load_tokenizer, read_hf_weights
+from rlmesh.engine.train_engine import TrainEngine
+from rlmesh.engine.update import MicroLoss, mean_over_ranks, run_mini_batches
 from rlmesh.mesh import endpoint
-from rlmesh.roles.model_ops import (
-    MicroLoss,
-    TrainEngine,
-    compute_dtype,
-    init_distributed,
-    load_causal_lm,
-    load_rank_state,
-    load_tokenizer,
-    mean_over_ranks,
-    micro_batches,
-    read_hf_weights,
-    require_fields,
-    response_logprobs,
-    response_width,
-    run_mini_batches,
-    seed_everything,
-)
 from rlmesh.sync.manifest import SyncPlan
 from rlmesh.sync.sender import member_group, send_weights
 
@@ -221,9 +210,7 @@ class PolicyTrainer:
             policy = Path(path) / "policy"
             self.engine.model.save_pretrained(policy, state_dict=weights, safe_serialization=True)
             self.tokenizer.save_pretrained(policy)
-        state_dir = Path(path) / "policy_state"
-        state_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(self._state(), state_dir / f"rank{self.rank}.pt")
+        save_rank_state(Path(path) / "policy_state", self.rank, self._state())
 
     @endpoint
     def load_checkpoint(self, path: str) -> None:

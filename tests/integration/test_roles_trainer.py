@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from rlmesh.config import OptimConfig
+from rlmesh.engine.model_io import read_hf_weights
 from rlmesh.mesh import ActorMesh
-from rlmesh.roles.model_ops import read_hf_weights
 from rlmesh.roles.trainer import PolicyTrainer
 from tests.integration.roles_fixtures import (
     DigestTrainer,

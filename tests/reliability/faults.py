@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from rlmesh.data.batch import Batch
+from rlmesh.engine.update import MicroLoss, mean_over_ranks
 from rlmesh.mesh import endpoint
-from rlmesh.roles.model_ops import MicroLoss, mean_over_ranks
 from rlmesh.roles.rollout.base import Sample
 from rlmesh.roles.rollout.vllm import VLLMRollout
 from rlmesh.roles.trainer import PolicyTrainer

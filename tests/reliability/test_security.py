@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from rlmesh.config import ModelConfig
+from rlmesh.engine.model_io import load_causal_lm
 from rlmesh.reward import RewardScorer, ScoreItem, load_compute_score, math_answers
-from rlmesh.roles.model_ops import load_causal_lm
 from tests.conftest import REPO
 
 SOURCES = sorted((REPO / "rlmesh").rglob("*.py"))
@@ -137,7 +137,7 @@ def test_checkpoint_state_is_loaded_without_pickle(tmp_path: Path):
 
     path = tmp_path / "rank0.pt"
     torch.save({"world_size": 1, "smuggled": Payload()}, path)
-    from rlmesh.roles.model_ops import load_rank_state
+    from rlmesh.checkpoint import load_rank_state
 
     with pytest.raises(Exception, match="Weights only load failed"):
         load_rank_state(tmp_path, 0, 1)

@@ -11,8 +11,8 @@ from transformers import AutoModelForTokenClassification
 
 from rlmesh.algo import value_loss
 from rlmesh.config import ModelConfig, OptimConfig, ReferenceConfig
+from rlmesh.engine.forward import response_values
 from rlmesh.roles.critic import Critic
-from rlmesh.roles.model_ops import response_values
 from rlmesh.roles.reference import Reference
 from rlmesh.roles.trainer import PolicyTrainer
 from tests.integration.roles_fixtures import (

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from rlmesh.algo import agg_loss, get_policy_loss, kl_loss
 from rlmesh.config import OptimConfig
 from rlmesh.data.batch import Batch
-from rlmesh.roles.model_ops import response_logprobs
+from rlmesh.engine.forward import response_logprobs
 from rlmesh.roles.trainer import PolicyTrainer
 from tests.integration.roles_fixtures import actor_config, rollout_batch, save_tiny_policy, weights_digest
 

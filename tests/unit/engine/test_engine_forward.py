@@ -1,4 +1,4 @@
-"""Shared model helpers: response log-probs, entropy and values against hand loops, micro-batching, LR schedules."""
+"""Response forwards against hand loops: log-probs, entropy and values; micro-batches by count and by tokens."""
 
 from __future__ import annotations
 
@@ -8,17 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlmesh.config import ModelConfig, OptimConfig
+from rlmesh.config import ModelConfig
 from rlmesh.data.batch import Batch
-from rlmesh.roles.model_ops import (
-    build_optimizer,
-    build_scheduler,
-    compute_dtype,
-    load_value_model,
-    micro_batches,
-    response_logprobs,
-    response_values,
-)
+from rlmesh.engine.forward import micro_batches, response_logprobs, response_values
+from rlmesh.engine.model_io import load_value_model
 from tests.integration.roles_fixtures import rollout_batch, save_tiny_policy
 
 
@@ -135,50 +128,3 @@ def test_micro_batches_by_token_budget_fit_the_budget() -> None:
     assert math.ceil(int(lengths.sum()) / budget) <= len(parts)
     with pytest.raises(ValueError, match="raise ppo_max_token_len_per_device to at least"):
         micro_batches(batch, 1, token_budget=int(lengths.max()) - 1)
-
-
-@pytest.mark.parametrize("kind", ["cosine", "linear"])
-def test_scheduler_warms_up_then_decays_to_the_floor_and_stays(kind: str) -> None:
-    optim = OptimConfig(lr=1.0, lr_warmup_steps=2, lr_scheduler=kind, min_lr_ratio=0.1)
-    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], optim)
-    scheduler = build_scheduler(optimizer, optim, total_steps=12)
-    lrs = []
-    for _ in range(16):
-        lrs.append(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
-    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(1.0)  # linear warmup over 2 steps
-    assert lrs[7] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the 10 decay steps, either shape
-    assert lrs[5] > lrs[7] > lrs[9]
-    if kind == "linear":
-        assert lrs[4] - lrs[5] == pytest.approx(lrs[8] - lrs[9])
-    assert lrs[12:] == pytest.approx([0.1] * 4)
-
-
-def test_constant_scheduler_warms_up_then_holds() -> None:
-    optim = OptimConfig(lr=2.0, lr_warmup_steps=2)
-    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], optim)
-    scheduler = build_scheduler(optimizer, optim, total_steps=-1)
-    lrs = []
-    for _ in range(5):
-        lrs.append(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
-    assert lrs == pytest.approx([0.0, 1.0, 2.0, 2.0, 2.0])
-
-
-def test_a_decaying_schedule_needs_a_total() -> None:
-    optim = OptimConfig(lr_scheduler="cosine", lr_warmup_steps=5)
-    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], optim)
-    with pytest.raises(ValueError, match=r"optim\.total_training_steps"):
-        build_scheduler(optimizer, optim, total_steps=-1)
-    with pytest.raises(ValueError, match="lr_scheduler='step' is unknown"):
-        build_scheduler(optimizer, OptimConfig(lr_scheduler="step"), total_steps=10)
-
-
-def test_dtype_auto_is_bfloat16_on_cuda_and_float32_on_cpu() -> None:
-    assert compute_dtype("auto", "cpu") == torch.float32
-    assert compute_dtype("auto", "cuda") == torch.bfloat16
-    assert compute_dtype("bfloat16", "cpu") == torch.bfloat16
-    with pytest.raises(ValueError, match=r"model\.dtype='fp8'"):
-        compute_dtype("fp8", "cpu")
