@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rlmesh.engine.devices import torch_device
+from rlmesh.engine.devices import resolve_device
 from rlmesh.mesh import current_rank
 
 # A collective that waits longer than this raises instead of hanging the run (torch's own default is 30 minutes).
@@ -52,7 +52,7 @@ def init_distributed(device: str) -> tuple[int, int]:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
     options: dict[str, Any] = {"timeout": timeout, "store": store}
     if device == "cuda":
-        options["device_id"] = torch_device(device)
+        options["device_id"] = resolve_device(device)
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size, **options)
     return rank, world_size
 

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from rlmesh.config import ModelConfig
-from rlmesh.engine.devices import compute_dtype, torch_device
+from rlmesh.engine.devices import resolve_device, resolve_dtype
 from rlmesh.sync.manifest import hf_name
 
 
@@ -37,13 +37,13 @@ def _prepare(model: PreTrainedModel, model_config: ModelConfig, device: str) -> 
     if model_config.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP, FSDP2 and inputs that do not require grad.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    nn.Module.to(model, torch_device(device))  # in place; PreTrainedModel.to has a wrapper type mypy cannot call
+    nn.Module.to(model, resolve_device(device))  # in place; PreTrainedModel.to has a wrapper type mypy cannot call
     return model
 
 
 def load_causal_lm(model_config: ModelConfig, device: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """The Hugging Face causal LM at model_config.path on `device`, in `dtype` (default: compute_dtype)."""
-    dtype = dtype or compute_dtype(model_config.dtype, device)
+    """The Hugging Face causal LM at model_config.path on `device`, in `dtype` (default: model_config.dtype)."""
+    dtype = dtype or resolve_dtype(model_config.dtype, device=device)
     model = AutoModelForCausalLM.from_pretrained(model_config.path, **_from_pretrained_options(model_config, dtype))
     return _prepare(model, model_config, device)
 
@@ -55,7 +55,7 @@ def load_value_model(model_config: ModelConfig, device: str, dtype: torch.dtype 
     checkpoint, the head `score` is new (initialised from torch's current seed), and dropout on the head is
     turned off so that a value is a deterministic function of the tokens, in train mode too.
     """
-    dtype = dtype or compute_dtype(model_config.dtype, device)
+    dtype = dtype or resolve_dtype(model_config.dtype, device=device)
     config = AutoConfig.from_pretrained(model_config.path, trust_remote_code=model_config.trust_remote_code)
     config.num_labels = 1
     config.classifier_dropout = 0.0

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, get_constant_schedule_with_warmup, get_wsd_schedule
 
 from rlmesh.config import OptimConfig
-from rlmesh.engine.devices import torch_device
+from rlmesh.engine.devices import resolve_device
 from rlmesh.engine.model_io import tied_aliases
 from rlmesh.sync.manifest import hf_name
 
@@ -95,7 +95,7 @@ class TrainEngine:
                 f"{config_key}.model.dtype=float16 needs loss scaling, which rlmesh does not do; use bfloat16"
             )
         self.model = model
-        self.device = torch_device(device)
+        self.device = resolve_device(device)
         self.dtype = dtype
         self.world_size = world_size
         self.strategy = strategy if world_size > 1 else "none"

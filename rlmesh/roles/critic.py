@@ -11,7 +11,7 @@ from rlmesh.algo import masked_mean, value_loss
 from rlmesh.checkpoint import capture_rng, load_rank_state, restore_rng, save_rank_state
 from rlmesh.config import CriticConfig
 from rlmesh.data.batch import Batch
-from rlmesh.engine.devices import compute_dtype
+from rlmesh.engine.devices import resolve_dtype
 from rlmesh.engine.distributed import init_distributed, seed_everything
 from rlmesh.engine.forward import micro_batches, require_fields, response_values, response_width
 from rlmesh.engine.model_io import load_value_model, read_hf_weights
@@ -51,7 +51,7 @@ class Critic:
             optim=config.optim,
             total_steps=total_optimizer_steps if total_optimizer_steps > 0 else total_training_steps,
             device=device,
-            dtype=compute_dtype(config.model.dtype, device),
+            dtype=resolve_dtype(config.model.dtype, device=device),
             world_size=self.world_size,
             config_key="critic",
         )

@@ -6,7 +6,7 @@ import torch
 
 from rlmesh.config import ModelConfig, ReferenceConfig
 from rlmesh.data.batch import Batch
-from rlmesh.engine.devices import torch_device
+from rlmesh.engine.devices import resolve_device
 from rlmesh.engine.forward import micro_batches, require_fields, response_logprobs
 from rlmesh.engine.model_io import load_causal_lm
 from rlmesh.mesh import endpoint
@@ -20,7 +20,7 @@ class Reference:
 
     def __init__(self, config: ReferenceConfig, model: ModelConfig, *, device: str):
         self.config = config
-        self.device = torch_device(device)
+        self.device = resolve_device(device)
         self.model = load_causal_lm(model, device).eval()
         self.model.requires_grad_(False)
 

@@ -12,9 +12,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlmesh.config import RewardConfig
 from rlmesh.data.batch import Batch
+from rlmesh.engine.devices import resolve_device, resolve_dtype
 from rlmesh.mesh import endpoint
 from rlmesh.reward import RewardScorer, ScoreItem, default_compute_score, load_compute_score, overlong_penalty
-from rlmesh.roles.rollout.hf import resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 

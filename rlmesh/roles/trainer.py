@@ -13,7 +13,7 @@ from rlmesh.algo import agg_loss, get_policy_loss, kl_penalty, masked_mean
 from rlmesh.checkpoint import capture_rng, load_rank_state, restore_rng, save_rank_state
 from rlmesh.config import ActorConfig
 from rlmesh.data.batch import Batch
-from rlmesh.engine.devices import compute_dtype
+from rlmesh.engine.devices import resolve_dtype
 from rlmesh.engine.distributed import init_distributed, seed_everything
 from rlmesh.engine.forward import micro_batches, require_fields, response_logprobs, response_width
 from rlmesh.engine.model_io import load_causal_lm, load_tokenizer, read_hf_weights
@@ -59,7 +59,7 @@ class PolicyTrainer:
             optim=config.optim,
             total_steps=total_optimizer_steps if total_optimizer_steps > 0 else total_training_steps,
             device=device,
-            dtype=compute_dtype(config.model.dtype, device),
+            dtype=resolve_dtype(config.model.dtype, device=device),
             world_size=self.world_size,
             config_key="trainer",
         )

@@ -18,32 +18,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from rlmesh.config import ModelConfig, RolloutConfig, SamplingConfig
+from rlmesh.engine.devices import resolve_device, resolve_dtype
 from rlmesh.mesh import endpoint
 from rlmesh.roles.rollout.base import Sample
 
 # How long the scheduler, woken from idle, waits for more concurrent requests before starting a batch. The loop sends
 # one `choose` per prompt; Ray delivers pipelined calls about 0.3 ms apart (DESIGN.md), so a few ms gathers a burst.
 GATHER_WINDOW_S = 0.005
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' is cuda when a GPU is visible, else cpu; anything else is passed to torch.device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(*names: str, device: torch.device) -> torch.dtype:
-    """The first name that is not 'auto' (float32 | bfloat16 | float16); all 'auto': bfloat16 on GPU, float32 on CPU."""
-    for name in names:
-        if name != "auto":
-            dtype = getattr(torch, str(name), None)
-            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-                raise ValueError(
-                    f"dtype {name!r} is not a torch floating dtype; use auto, float32, bfloat16 or float16"
-                )
-            return dtype
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def as_sampling_config(sampling: SamplingConfig | Mapping[str, Any]) -> SamplingConfig:

@@ -12,9 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from rlmesh.config import ModelConfig, RolloutConfig, SamplingConfig
+from rlmesh.engine.devices import resolve_dtype
 from rlmesh.mesh import endpoint
 from rlmesh.roles.rollout.base import Sample
 from rlmesh.roles.rollout.kv_cache import KVCacheNeed, kv_cache_need
+from rlmesh.sync.manifest import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +47,6 @@ def check_vllm_version(installed: str | None = None) -> str:
     return installed
 
 
-def engine_dtype(config: RolloutConfig, model: ModelConfig, device: str) -> str:
-    """rollout.dtype, else model.dtype, else what the trainer uses by default (bfloat16 on GPU, float32 on CPU),
-    so rollout log-probs are computed in the trainer's precision unless asked otherwise."""
-    for choice in (config.dtype, model.dtype):
-        if choice and choice != "auto":
-            return str(choice)
-    return "bfloat16" if device.startswith("cuda") else "float32"
-
-
 def engine_kv_cache(config: RolloutConfig, model: ModelConfig, device: str) -> KVCacheNeed | None:
     """The KV cache one engine gets: on CPU always an explicit size (roles.rollout.kv_cache_memory_gb, else what
     max_num_seqs × max_model_len need), never a fraction of memory; on GPU the explicit size if set, else None
@@ -66,7 +59,7 @@ def engine_kv_cache(config: RolloutConfig, model: ModelConfig, device: str) -> K
     hf_config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     return kv_cache_need(
         hf_config=hf_config,
-        dtype=engine_dtype(config, model, device),
+        dtype=dtype_name(resolve_dtype(config.dtype, model.dtype, device=device)),
         max_num_seqs=int(config.max_num_seqs),
         max_model_len=config.max_model_len,
         explicit_gb=explicit,
@@ -85,7 +78,8 @@ def engine_settings(config: RolloutConfig, model: ModelConfig, *, seed: int, dev
         tokenizer=model.path,
         load_format="safetensors",  # never a pickled .bin or .pt: unpickling a downloaded file can run its code
         trust_remote_code=model.trust_remote_code,
-        dtype=engine_dtype(config, model, device),
+        # rollout.dtype, else the trainer's (model.dtype): rollout log-probs in the trainer's precision unless asked
+        dtype=dtype_name(resolve_dtype(config.dtype, model.dtype, device=device)),
         seed=seed,
         gpu_memory_utilization=config.gpu_memory_utilization,
         # An explicit KV size also skips the CPU warm-up pass: engine start 13 s instead of about 19 s here.

@@ -1,11 +1,11 @@
-"""VLLMRollout's checks that run before any engine starts: the vLLM version, tensor parallelism on CPU, the dtype."""
+"""VLLMRollout's checks that run before any engine starts: the vLLM version, tensor parallelism on CPU."""
 
 from __future__ import annotations
 
 import pytest
 
 from rlmesh.config import ModelConfig, RolloutConfig
-from rlmesh.roles.rollout.vllm import VLLMRollout, check_vllm_version, engine_dtype
+from rlmesh.roles.rollout.vllm import VLLMRollout, check_vllm_version, engine_settings
 
 
 def test_supported_vllm_versions_pass_and_others_name_the_extras():
@@ -29,11 +29,16 @@ def test_tensor_parallel_engines_on_cpu_are_refused_before_starting():
         VLLMRollout(config, ModelConfig(path="unused"), seed=0, device="cpu")
 
 
-def test_engine_dtype_follows_the_trainer_unless_set():
-    assert engine_dtype(RolloutConfig(), ModelConfig(path="m"), "cpu") == "float32"
-    assert engine_dtype(RolloutConfig(), ModelConfig(path="m"), "cuda") == "bfloat16"
-    assert engine_dtype(RolloutConfig(), ModelConfig(path="m", dtype="float16"), "cuda") == "float16"
-    assert engine_dtype(RolloutConfig(dtype="float32"), ModelConfig(path="m", dtype="bfloat16"), "cuda") == "float32"
+def test_the_engine_dtype_follows_the_trainer_unless_set():
+    # On GPU without an explicit KV size the settings read no model config, so a made-up path will do.
+    def engine_dtype(rollout: RolloutConfig, model: ModelConfig) -> str:
+        return engine_settings(rollout, model, seed=0, device="cuda")["dtype"]
+
+    assert engine_dtype(RolloutConfig(), ModelConfig(path="m")) == "bfloat16"
+    assert engine_dtype(RolloutConfig(), ModelConfig(path="m", dtype="float16")) == "float16"
+    assert engine_dtype(RolloutConfig(dtype="float32"), ModelConfig(path="m", dtype="bfloat16")) == "float32"
+    with pytest.raises(ValueError, match="'half' is not a known dtype"):
+        engine_dtype(RolloutConfig(dtype="half"), ModelConfig(path="m"))
 
 
 class SleepyEngine:
