@@ -1,4 +1,4 @@
-"""Pure-torch RL algorithms: advantage estimators, policy/value losses, KL estimators, loss aggregation, masking."""
+"""Pure-torch RL algorithms: advantages, policy/value losses, the policy objective, KL, loss aggregation, masking."""
 
 from rlmesh.algo.advantages import (
     ADVANTAGE_ESTIMATORS,
@@ -40,6 +40,7 @@ from rlmesh.algo.losses import (
     value_loss,
 )
 from rlmesh.algo.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from rlmesh.algo.objective import PolicyObjective, policy_objective
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -52,6 +53,7 @@ __all__ = [
     "FixedKLController",
     "KLController",
     "PolicyLoss",
+    "PolicyObjective",
     "agg_loss",
     "apply_kl_penalty",
     "compute_gae_advantage",
@@ -78,6 +80,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "policy_objective",
     "register_advantage",
     "register_policy_loss",
     "value_loss",

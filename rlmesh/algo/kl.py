@@ -8,8 +8,8 @@ Each estimator is per token, from the sampled token's log-probabilities under th
     k3  (low_var_kl)       exp(-d) - (-d) - 1, clamped         unbiased for KL(p || q), low variance, >= 0
     abs                    |d|
 
-As a loss term (use_kl_loss, kl_loss_coef) use kl_loss; as a reward penalty use apply_kl_penalty with the value
-of a FixedKLController or an AdaptiveKLController.
+As a loss term (use_kl_loss, kl_loss_coef) use kl_loss, as policy_objective does; as a reward penalty use
+apply_kl_penalty with the value of a FixedKLController or an AdaptiveKLController.
 """
 
 from __future__ import annotations
@@ -93,15 +93,18 @@ def kl_loss(
     kind: str = "low_var_kl",
     loss_agg_mode: str = "token-mean",
     norm_constant: float | None = None,
+    *,
+    denominator: float | Tensor | None = None,
 ) -> Tensor:
-    """KL to the reference as a loss term: agg_loss(kl_penalty(log_prob, ref_log_prob, kind), mask, loss_agg_mode).
+    """KL to the reference as a loss term: agg_loss(kl_penalty(log_prob, ref_log_prob, kind), mask, loss_agg_mode,
+    norm_constant, denominator=denominator).
 
-    The trainer adds kl_loss_coef times this to the policy loss (use_kl_loss). Gradient flows through log_prob
-    only; the reference is a constant.
+    policy_objective adds kl_loss_coef times this to the policy loss (use_kl_loss). Gradient flows through
+    log_prob only; the reference is a constant.
     """
     valid = mask != 0
     per_token = kl_penalty(torch.where(valid, log_prob, 0.0), torch.where(valid, ref_log_prob.detach(), 0.0), kind)
-    return agg_loss(per_token, mask, loss_agg_mode, norm_constant)
+    return agg_loss(per_token, mask, loss_agg_mode, norm_constant, denominator=denominator)
 
 
 @torch.no_grad()
