@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
@@ -119,7 +121,6 @@ class SamplingConfig:
 @dataclass
 class RolloutConfig:
     _target_: str = "rlmesh.roles.rollout.vllm.VLLMRollout"
-    name: str = "vllm"  # hf | vllm (set by the config group)
     n: int = 8  # samples per prompt
     num_engines: int = 1  # rollout actors (each one engine)
     tensor_parallel_size: int = 1
@@ -147,19 +148,33 @@ class RolloutConfig:
 
 
 @dataclass
+class CustomRewardFunctionConfig:
+    """verl's custom_reward_function: a compute_score defined in a file or module."""
+
+    path: str | None = None  # a .py file or an importable module; None: the built-in scorer for each data_source
+    name: str = "compute_score"
+
+
+@dataclass
+class OverlongBufferConfig:
+    """DAPO's soft overlong penalty: responses longer than max_tokens - len lose up to penalty_factor, linearly."""
+
+    enable: bool = False
+    len: int = 0
+    penalty_factor: float = 1.0
+
+
+@dataclass
 class RewardConfig:
     _target_: str = "rlmesh.roles.reward.RuleReward"
-    name: str = "rule"  # rule | model
     num_actors: int = 1
-    custom_reward_function: dict[str, Any] = field(default_factory=lambda: {"path": None, "name": "compute_score"})
+    custom_reward_function: CustomRewardFunctionConfig = field(default_factory=CustomRewardFunctionConfig)
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
     num_workers: int = 2  # scoring processes per reward actor
     timeout_s: float = 10.0  # per sample; a sample over it gets fallback_score
     fallback_score: float = 0.0
-    overlong_buffer: dict[str, Any] = field(
-        default_factory=lambda: {"enable": False, "len": 0, "penalty_factor": 1.0}
-    )  # DAPO's soft overlong penalty
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(path=""))  # the reward model, for name=model
+    overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(path=""))  # the reward model, for reward=model
     micro_batch_size_per_device: int = 16
     resources_per_actor: dict[str, float] = field(default_factory=lambda: {"CPU": 0.5})
 
@@ -182,6 +197,14 @@ class KLControlConfig:
 
 
 @dataclass
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling: draw prompts again until every kept group has reward variance."""
+
+    enable: bool = False
+    max_num_gen_batches: int = 10  # draws per step at most; then flat groups top the step up
+
+
+@dataclass
 class AlgorithmConfig:
     adv_estimator: str = "grpo"  # gae | grpo | rloo | reinforce_plus_plus | reinforce_plus_plus_baseline | remax | opo
     gamma: float = 1.0
@@ -193,9 +216,7 @@ class AlgorithmConfig:
     use_kl_in_reward: bool = False
     kl_penalty: str = "kl"  # k1/kl | k2/mse | k3/low_var_kl | abs
     kl_ctrl: KLControlConfig = field(default_factory=KLControlConfig)
-    dynamic_sampling: dict[str, Any] = field(
-        default_factory=lambda: {"enable": False, "max_num_gen_batches": 10}
-    )  # DAPO: regenerate until every kept group has reward variance
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
 
 
 @dataclass
@@ -276,3 +297,41 @@ def unknown_keys(config: Mapping[str, Any], schema: type = RlmeshConfig, prefix:
         if isinstance(kind, type) and dataclasses.is_dataclass(kind) and hasattr(value, "keys"):
             problems += unknown_keys(value, kind, f"{name}.")
     return problems
+
+
+def check_model_path(bad: Callable[[str, object, str, str], None], key: str, path: str) -> None:
+    """A model folder must hold config.json and safetensors weights; a hub name must be cached or downloadable."""
+    if not path:
+        bad(key, path, "no model given", f"set {key} to a Hugging Face model folder or hub name")
+        return
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file():
+            bad(key, path, "the folder has no config.json", "point to a Hugging Face model folder")
+        elif not any(Path(path).glob("*.safetensors")):
+            pickled = sorted(p.name for p in Path(path).glob("*.bin")) + sorted(p.name for p in Path(path).glob("*.pt"))
+            bad(
+                key,
+                path,
+                f"the folder has no *.safetensors weights{f' (only {pickled})' if pickled else ''}; rlmesh loads "
+                "weights only from safetensors, since unpickling a .bin or .pt file can run code",
+                "convert it once: AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder) writes "
+                "model.safetensors (load it that way only if you trust the file)",
+            )
+        return
+    if looks_like_hub_name(path):
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(path, "config.json"), str):
+            return
+        if os.environ.get("HF_HUB_OFFLINE") != "1":
+            return  # it will be downloaded at start
+    bad(
+        key,
+        path,
+        "not a local model folder (and not in the Hugging Face cache)",
+        "pass a local folder, or download it first: huggingface-cli download " + str(path),
+    )
+
+
+def looks_like_hub_name(path: str) -> bool:
+    return path.count("/") == 1 and not path.startswith((".", "/")) and not Path(path).exists()

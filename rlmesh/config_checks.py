@@ -5,23 +5,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import os
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from rlmesh.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES
-from rlmesh.config import RlmeshConfig
-
-if TYPE_CHECKING:
-    from rlmesh.roles.rollout.kv_cache import HostMemory
+from rlmesh.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, estimator_needs
+from rlmesh.config import RlmeshConfig, check_model_path, looks_like_hub_name
+from rlmesh.plan import Report, RunPlan, plan_roles
 
 log = logging.getLogger(__name__)
-
-Report = Callable[[str, object, str, str], None]  # bad(key, value, why, fix)
-VALUE_ESTIMATORS = {"gae"}  # estimators that need a critic
-GROUP_ESTIMATORS = {"grpo", "rloo", "reinforce_plus_plus_baseline", "opo"}  # need n > 1 samples per prompt
 
 
 class ConfigError(ValueError):
@@ -30,18 +20,6 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """What the checks derived from the config (the config itself is never changed)."""
-
-    device: str
-    use_critic: bool
-    use_reference: bool
-    resources: dict[str, dict[str, float]]  # role -> total resources its mesh needs
-    samples_per_step: int
-    weight_sync: str = "object_store"  # the transport `auto` resolved to: object_store | gloo | nccl | cuda_ipc
 
 
 def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPlan:
@@ -77,8 +55,9 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
     if algo.kl_ctrl.type not in ("fixed", "adaptive"):
         bad("algorithm.kl_ctrl.type", algo.kl_ctrl.type, "unknown KL controller", "use fixed or adaptive")
 
-    use_critic = critic.enable if critic.enable is not None else algo.adv_estimator in VALUE_ESTIMATORS
-    if algo.adv_estimator in VALUE_ESTIMATORS and not use_critic:
+    needs = estimator_needs(algo.adv_estimator)  # declared where the estimator is registered
+    use_critic = critic.enable if critic.enable is not None else needs.values
+    if needs.values and not use_critic:
         bad(
             "roles.critic.enable",
             critic.enable,
@@ -101,7 +80,7 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
             "KL both as a loss and as a reward penalty counts it twice",
             "keep one: roles.trainer.use_kl_loss (GRPO style) or algorithm.use_kl_in_reward (PPO style)",
         )
-    if algo.adv_estimator in GROUP_ESTIMATORS and rollout.n < 2:
+    if needs.groups and rollout.n < 2:
         bad(
             "roles.rollout.n",
             rollout.n,
@@ -151,18 +130,16 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
     _check_role_settings(bad, cfg, use_critic)
 
     # --- where things come from
-    _check_model_path(bad, "model.path", cfg.model.path)
+    check_model_path(bad, "model.path", cfg.model.path)
     if actor.model.path != cfg.model.path:
-        _check_model_path(bad, "roles.trainer.model.path", actor.model.path)
+        check_model_path(bad, "roles.trainer.model.path", actor.model.path)
     if use_critic and critic.model.path != cfg.model.path:
-        _check_model_path(bad, "roles.critic.model.path", critic.model.path)
-    if roles.reward.name == "model":
-        _check_model_path(bad, "roles.reward.model.path", roles.reward.model.path)
+        check_model_path(bad, "roles.critic.model.path", critic.model.path)
     custom = roles.reward.custom_reward_function
-    if custom.get("path") and not Path(custom["path"]).is_file() and not _importable(custom["path"]):
+    if custom.path and not Path(custom.path).is_file() and not _importable(custom.path):
         bad(
             "roles.reward.custom_reward_function.path",
-            custom["path"],
+            custom.path,
             "no such file or module",
             "give the path of a .py file (or an importable module) defining the function",
         )
@@ -175,12 +152,10 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
         )
     for key, files in (("data.train_files", data.train_files), ("data.val_files", data.val_files)):
         for f in files:
-            if not _looks_like_hub_name(f) and not Path(f).exists():
+            if not looks_like_hub_name(f) and not Path(f).exists():
                 bad(key, f, "file not found", "check the path (relative paths start at the directory you ran from)")
     if data.truncation not in ("error", "filter", "truncate_left", "truncate_right"):
         bad("data.truncation", data.truncation, "unknown policy", "use error, filter, truncate_left or truncate_right")
-    if rollout.name == "vllm":
-        _check_vllm_install(bad)
     if trainer.resume not in ("auto", "never") and not Path(trainer.resume).exists():
         bad(
             "trainer.resume",
@@ -209,45 +184,36 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
             "set it to 1 on CPU",
         )
 
-    # role -> (its resources key, what each actor asks for, how many actors): the roles this run starts
-    actors = {
-        "trainer": ("roles.trainer.resources_per_device", actor.resources_per_device, actor.dp_size),
-        "rollout": ("roles.rollout.resources_per_engine", rollout.resources_per_engine, rollout.num_engines),
-        "reward": ("roles.reward.resources_per_actor", roles.reward.resources_per_actor, roles.reward.num_actors),
-    }
-    if use_critic:
-        actors["critic"] = ("roles.critic.resources_per_device", critic.resources_per_device, critic.dp_size)
-    if use_reference:
-        ref = roles.reference
-        actors["reference"] = ("roles.reference.resources_per_device", ref.resources_per_device, ref.dp_size)
+    # --- the roles: which classes, checked against their contracts, and what they ask for
+    specs, weight_sync = plan_roles(bad, cfg, device, use_critic, use_reference)
+    _check_colocation(bad, cfg, device, weight_sync)
     if device == "cuda":  # an actor that asks for no GPU sees none (Ray hides the others)
-        no_gpu_needed = set() if roles.reward.name == "model" else {"reward"}  # rule scorers run on CPU
-        if rollout.tensor_parallel_size > 1:  # vLLM's ray executor reserves the engine's GPUs itself
-            no_gpu_needed.add("rollout")
-        for role, (key, asked, _) in actors.items():
-            if role not in no_gpu_needed and not asked.get("GPU"):
+        for spec in specs:
+            external = spec.outside_actors.get("GPU")  # vLLM's tensor-parallel workers hold the engine's GPUs
+            if spec.capabilities.needs_gpu and not external and not spec.resources.get("GPU"):
+                key = RESOURCE_KEYS[spec.name]
                 bad(
                     key,
-                    dict(asked),
+                    dict(spec.resources),
                     "this role runs on cuda but asks Ray for no GPU, so it would see none",
                     f"add one, e.g. +{key}.GPU=1 (or a fraction to share a GPU)",
                 )
-    weight_sync = _check_weight_sync(bad, cfg, device)
-    if device == "cpu" and rollout.name == "vllm" and not cfg.cluster.address and not problems:
-        _check_kv_cache_memory(bad, cfg)
-
-    resources = {role: _times(asked, count) for role, (_, asked, count) in actors.items()}
-    if rollout.tensor_parallel_size > 1:  # the GPUs of vLLM's tensor-parallel workers, beside the engine actors
-        resources["rollout_workers"] = {"GPU": float(rollout.tensor_parallel_size * rollout.num_engines)}
-    if rollout.colocate_with_trainer:  # both meshes live in the trainer's bundles
-        bundle, _, _ = colocated_resources(actor.resources_per_device, rollout.resources_per_engine)
-        resources["trainer"], resources["rollout"] = _times(bundle, actor.dp_size), {}
+    for spec in specs:  # what only the class knows: vLLM's install and KV cache memory, a reward model's path
+        preflight = getattr(spec.cls, "preflight", None)
+        if callable(preflight):
+            preflight(bad, cfg, device)
     if problems:
         raise ConfigError(problems)
-    return RunPlan(device, use_critic, use_reference, resources, data.train_batch_size * rollout.n, weight_sync)
+    return RunPlan(device, use_critic, use_reference, specs, data.train_batch_size * rollout.n, weight_sync)
 
 
-TRANSPORTS = ("auto", "object_store", "gloo", "nccl", "cuda_ipc")
+RESOURCE_KEYS = {
+    "trainer": "roles.trainer.resources_per_device",
+    "rollout": "roles.rollout.resources_per_engine",
+    "reward": "roles.reward.resources_per_actor",
+    "reference": "roles.reference.resources_per_device",
+    "critic": "roles.critic.resources_per_device",
+}
 
 
 def _check_role_settings(bad: Report, cfg: RlmeshConfig, use_critic: bool) -> None:
@@ -300,11 +266,11 @@ def _check_role_settings(bad: Report, cfg: RlmeshConfig, use_critic: bool) -> No
         bad("roles.reward.num_workers", reward.num_workers, "must be >= 0", "use 0 to score inside the reward actor")
     if not math.isfinite(reward.fallback_score):
         bad("roles.reward.fallback_score", reward.fallback_score, "must be a finite number", "use e.g. 0.0")
-    overlong = dict(reward.overlong_buffer)
-    if overlong.get("enable") and not 0 < int(overlong.get("len", 0)) <= roles.rollout.sampling.max_tokens:
+    overlong = reward.overlong_buffer
+    if overlong.enable and not 0 < overlong.len <= roles.rollout.sampling.max_tokens:
         bad(
             "roles.reward.overlong_buffer.len",
-            overlong.get("len"),
+            overlong.len,
             f"must be in (0, roles.rollout.sampling.max_tokens={roles.rollout.sampling.max_tokens}]",
             "use e.g. a quarter of max_tokens",
         )
@@ -329,68 +295,11 @@ def _check_role_settings(bad: Report, cfg: RlmeshConfig, use_critic: bool) -> No
         bad("data.max_prompt_length", cfg.data.max_prompt_length, "must be at least 1", "use e.g. 512")
 
 
-def _check_kv_cache_memory(bad: Report, cfg: RlmeshConfig, memory: HostMemory | None = None) -> None:
-    """On a local CPU run, every engine's KV cache must fit the memory this host has now: each one on the NUMA node
-    vLLM-CPU allocates from (it refuses to start otherwise), all of them in the host's available memory. The request
-    is sized explicitly (rlmesh.roles.rollout.kv_cache), so the same config behaves alike on every machine."""
-    from rlmesh.roles.rollout.kv_cache import GIB, host_memory
-    from rlmesh.roles.rollout.vllm import engine_kv_cache
-
-    rollout = cfg.roles.rollout
-    try:
-        need = engine_kv_cache(rollout, cfg.roles.trainer.model, "cpu")
-    except (OSError, ValueError) as err:  # a hub model not downloaded yet: the engine sizes it when it has the config
-        log.info("KV cache memory not checked: the model config of %s is not readable here (%s)", cfg.model.path, err)
-        return
-    assert need is not None  # on CPU the size is always explicit
-    memory = memory or host_memory()
-    key, value = (
-        ("roles.rollout.kv_cache_memory_gb", rollout.kv_cache_memory_gb)
-        if need.explicit
-        else ("roles.rollout.max_num_seqs", rollout.max_num_seqs)
-    )
-    fix = (
-        f"lower roles.rollout.max_num_seqs (now {rollout.max_num_seqs}) or roles.rollout.max_model_len (now "
-        f"{rollout.max_model_len or 'the model limit'}, {need.tokens_per_seq} tokens in whole blocks), or set "
-        "roles.rollout.kv_cache_memory_gb to a size that fits"
-    )
-    if memory.node_available_bytes is not None and need.bytes > memory.node_available_bytes:
-        why = (
-            f"each engine's KV cache needs {need.describe()}, but NUMA node {memory.node} has "
-            f"{memory.node_available_bytes / GIB:.2f} GiB available, and vLLM-CPU allocates it there"
-        )
-        bad(key, value, why, fix)
-    elif need.bytes * rollout.num_engines > memory.available_bytes:
-        why = (
-            f"{rollout.num_engines} engine(s) × {need.describe()} need "
-            f"{need.bytes * rollout.num_engines / GIB:.2f} GiB, but this host has "
-            f"{memory.available_bytes / GIB:.2f} GiB available"
-        )
-        bad(key, value, why, fix + ", or lower roles.rollout.num_engines")
-
-
-def _check_weight_sync(bad: Report, cfg: RlmeshConfig, device: str) -> str:
-    """Check the weight-sync and colocation settings; return the transport `auto` stands for."""
+def _check_colocation(bad: Report, cfg: RlmeshConfig, device: str, transport: str) -> None:
+    """Transports and layouts that cannot work whatever the classes: collectives on the wrong device, colocation
+    that does not pair engines with trainer ranks, sleep mode off-GPU."""
     rollout, dp = cfg.roles.rollout, cfg.roles.trainer.dp_size
     colocated = rollout.colocate_with_trainer
-    transport = rollout.weight_sync
-    if transport not in TRANSPORTS:
-        bad("roles.rollout.weight_sync", transport, "unknown transport", f"use one of {TRANSPORTS}")
-        return transport
-    if transport == "auto":
-        if rollout.name == "hf":
-            transport = "object_store"  # HF engines load a state dict; they join no collective group
-        elif device == "cuda":
-            transport = "cuda_ipc" if colocated else "nccl"
-        else:
-            transport = "gloo"
-    if rollout.name == "hf" and transport != "object_store":
-        bad(
-            "roles.rollout.weight_sync",
-            rollout.weight_sync,
-            "the HF rollout receives weights through the object store only",
-            "use auto or object_store, or rollout=vllm for collective transports",
-        )
     if transport in ("nccl", "cuda_ipc") and device != "cuda":
         bad("roles.rollout.weight_sync", rollout.weight_sync, f"{transport} needs GPUs", "use gloo (or auto) on CPU")
     if transport == "cuda_ipc" and not colocated:
@@ -421,32 +330,13 @@ def _check_weight_sync(bad: Report, cfg: RlmeshConfig, device: str) -> str:
             "a colocated engine lives on one trainer rank's GPU",
             "set it to 1, or turn colocate_with_trainer off",
         )
-    if rollout.enable_sleep_mode and (device != "cuda" or rollout.name != "vllm"):
+    if rollout.enable_sleep_mode and device != "cuda":
         bad(
             "roles.rollout.enable_sleep_mode",
             rollout.enable_sleep_mode,
-            "sleep mode is vLLM's, on GPUs only",
+            "sleep mode frees GPU memory, and this run is on CPU",
             "set it to false",
         )
-    return transport
-
-
-def colocated_resources(
-    trainer: dict[str, float], engine: dict[str, float]
-) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-    """(bundle, trainer request, engine request) when a trainer rank and an engine share one bundle: resources add
-    up, except that the bundle holds at most one GPU, which both actors share (so Ray gives them the same
-    CUDA_VISIBLE_DEVICES): GPU fractions that sum past 1 are scaled down in proportion, {GPU: 1} each to halves."""
-    bundle = {k: float(trainer.get(k, 0.0)) + float(engine.get(k, 0.0)) for k in {*trainer, *engine}}
-    trainer_request = {k: float(v) for k, v in trainer.items()}
-    engine_request = {k: float(v) for k, v in engine.items()}
-    gpus = bundle.get("GPU", 0.0)
-    if gpus > 1:
-        bundle["GPU"] = 1.0
-        for request in (trainer_request, engine_request):
-            if "GPU" in request:
-                request["GPU"] /= gpus
-    return bundle, trainer_request, engine_request
 
 
 def check_cluster_resources(plan: RunPlan, cluster: dict[str, float]) -> None:
@@ -502,86 +392,11 @@ def _check_split(bad: Report, prefix: str, mini: int, dp: int, micro: int, dynam
         )
 
 
-def _check_model_path(bad: Report, key: str, path: str) -> None:
-    if not path:
-        bad(key, path, "no model given", f"set {key} to a Hugging Face model folder or hub name")
-        return
-    if Path(path).is_dir():
-        if not (Path(path) / "config.json").is_file():
-            bad(key, path, "the folder has no config.json", "point to a Hugging Face model folder")
-        elif not any(Path(path).glob("*.safetensors")):
-            pickled = sorted(p.name for p in Path(path).glob("*.bin")) + sorted(p.name for p in Path(path).glob("*.pt"))
-            bad(
-                key,
-                path,
-                f"the folder has no *.safetensors weights{f' (only {pickled})' if pickled else ''}; rlmesh loads "
-                "weights only from safetensors, since unpickling a .bin or .pt file can run code",
-                "convert it once: AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder) writes "
-                "model.safetensors (load it that way only if you trust the file)",
-            )
-        return
-    if _looks_like_hub_name(path):
-        from huggingface_hub import try_to_load_from_cache
-
-        if isinstance(try_to_load_from_cache(path, "config.json"), str):
-            return
-        if os.environ.get("HF_HUB_OFFLINE") != "1":
-            return  # it will be downloaded at start
-    bad(
-        key,
-        path,
-        "not a local model folder (and not in the Hugging Face cache)",
-        "pass a local folder, or download it first: huggingface-cli download " + str(path),
-    )
-
-
-def _check_vllm_install(bad: Report) -> None:
-    """vLLM must be installed, in the version the in-place weight loading was measured against; read from the
-    package metadata, so the check costs no vLLM import."""
-    from rlmesh.roles.rollout.vllm import SUPPORTED_VLLM, VLLM_EXTRAS, check_vllm_version
-
-    if importlib.util.find_spec("vllm") is None:
-        bad("rollout", "vllm", "vLLM is not installed", f"install {VLLM_EXTRAS}, or choose rollout=hf")
-        return
-    installed = installed_vllm_version()
-    if installed is None:
-        return  # a source checkout without metadata: the engine checks vllm.__version__ when it starts
-    try:
-        check_vllm_version(installed)
-    except ImportError:
-        bad(
-            "rollout",
-            "vllm",
-            f"vLLM {installed} is installed, and rlmesh supports {SUPPORTED_VLLM}.x",
-            f"install {VLLM_EXTRAS}, or choose rollout=hf",
-        )
-
-
-def installed_vllm_version() -> str | None:
-    """The installed vLLM's version: the official `vllm` package, or the CPU build `vllm-cpu`."""
-    from importlib import metadata
-
-    for distribution in ("vllm", "vllm-cpu"):
-        try:
-            return metadata.version(distribution)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
 def _importable(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
-
-
-def _looks_like_hub_name(path: str) -> bool:
-    return path.count("/") == 1 and not path.startswith((".", "/")) and not Path(path).exists()
-
-
-def _times(resources: dict[str, float], count: int) -> dict[str, float]:
-    return {k: float(v) * count for k, v in resources.items()}
 
 
 def _count_gpus() -> int:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
-from rlmesh.algo import apply_kl_penalty, get_advantage_estimator, make_kl_controller
+from rlmesh.algo import apply_kl_penalty, estimator_needs, get_advantage_estimator, make_kl_controller
 from rlmesh.checkpoint import (
     CheckpointManager,
     capture_rng,
@@ -23,9 +23,10 @@ from rlmesh.checkpoint import (
 )
 from rlmesh.config import RlmeshConfig, SamplingConfig
 from rlmesh.data import Batch, PromptLoader, PromptRow
-from rlmesh.mesh import ActorDiedError, ActorMesh, wait_all
+from rlmesh.mesh import ActorDiedError, wait_all
 from rlmesh.metrics import data_metrics, reward_metrics, throughput_metrics, validation_metrics
 from rlmesh.recovery import RoleCall, RunFailed, RunInterrupted, SkippedUpdates, StopRequest
+from rlmesh.roles.contracts import PolicyMesh, ReferenceMesh, RolloutMesh, ScorerMesh, SleepingRolloutMesh, ValueMesh
 from rlmesh.roles.rollout.base import Sample, sampling_seed
 from rlmesh.sync.transports import WeightSyncError
 from rlmesh.tracking import ProgressBar, Tracker, timed
@@ -40,13 +41,14 @@ class WeightSync(Protocol):
 
 @dataclass
 class Roles:
-    """The meshes one run drives. Reference and critic are None when the algorithm does not use them."""
+    """The meshes one run drives, each typed by its role's contract. Reference and critic are None when the algorithm
+    does not use them."""
 
-    trainer: ActorMesh[Any]
-    rollout: ActorMesh[Any]
-    reward: ActorMesh[Any]
-    reference: ActorMesh[Any] | None
-    critic: ActorMesh[Any] | None
+    trainer: PolicyMesh
+    rollout: RolloutMesh
+    reward: ScorerMesh
+    reference: ReferenceMesh | None
+    critic: ValueMesh | None
     weight_sync: WeightSync
 
 
@@ -72,10 +74,13 @@ class RLLoop:
         kl = cfg.algorithm.kl_ctrl
         self.kl_ctrl = make_kl_controller(kl.type, kl.kl_coef, kl.target_kl, kl.horizon)
         self.estimator = get_advantage_estimator(cfg.algorithm.adv_estimator)
+        self.needs = estimator_needs(cfg.algorithm.adv_estimator)
         self.n = cfg.roles.rollout.n
         self.n_devices = cfg.roles.trainer.dp_size
         rollout = cfg.roles.rollout
-        self.engines_sleep = rollout.colocate_with_trainer and rollout.enable_sleep_mode
+        # Colocated engines in sleep mode (the plan checked their class against the SleepingRollout contract).
+        sleeps = rollout.colocate_with_trainer and rollout.enable_sleep_mode
+        self.sleeping = cast("SleepingRolloutMesh", roles.rollout) if sleeps else None
 
     # ---------------------------------------------------------------- one step
 
@@ -85,8 +90,8 @@ class RLLoop:
         rollout_faults = roles.rollout.fault_counts()
         # 1. generate n responses per prompt (and score them, when dynamic sampling must filter on the score)
         batch = self.rollout_batch(step, metrics)
-        if self.engines_sleep:  # colocated engines hand the GPU to training until the sync: KV cache freed
-            roles.rollout.sleep.all(1).result()
+        if self.sleeping:  # colocated engines hand the GPU to training until the sync: KV cache freed
+            self.sleeping.sleep.all(1).result()
         # 2. reward, reference log-probs, old log-probs and values: issued together, awaited together
         issued = time.perf_counter()
         pending = {
@@ -134,13 +139,12 @@ class RLLoop:
     def rollout_batch(self, step: int, metrics: dict[str, float]) -> Batch:
         """n samples per prompt; with DAPO's dynamic sampling, keep drawing prompts until enough groups have
         reward variance (groups where every sample scored the same carry no GRPO signal)."""
-        prompts, sampling = self.train_prompts.next_batch(), self.cfg.roles.rollout.sampling
+        prompts = self.train_prompts.next_batch()
         dynamic = self.cfg.algorithm.dynamic_sampling
         # Dynamic sampling concatenates several draws, so every draw is padded to the same, maximal widths.
-        widths = dynamic["enable"]
-        with timed(metrics, "gen"):
-            batch = self.generate(prompts, self.n, sampling, step, fixed_widths=widths)
-        if not dynamic["enable"]:
+        widths = dynamic.enable
+        batch = self.draw(prompts, step, metrics, fixed_widths=widths)
+        if not dynamic.enable:
             return batch
         wanted, kept, flat, draws = len(prompts) * self.n, [], [], 0
         while True:
@@ -150,10 +154,9 @@ class RLLoop:
             varied = varied_groups(batch, self.n)
             kept.append(batch[varied])
             flat.append(batch[~varied])
-            if sum(len(b) for b in kept) >= wanted or draws >= dynamic["max_num_gen_batches"]:
+            if sum(len(b) for b in kept) >= wanted or draws >= dynamic.max_num_gen_batches:
                 break
-            with timed(metrics, "gen"):
-                batch = self.generate(self.train_prompts.next_batch(), self.n, sampling, step, fixed_widths=widths)
+            batch = self.draw(self.train_prompts.next_batch(), step, metrics, fixed_widths=widths)
         result = Batch.concat(kept)
         metrics["dynamic_sampling/gen_batches"] = float(draws)
         metrics["dynamic_sampling/kept_groups"] = float(min(len(result), wanted) // self.n)
@@ -164,6 +167,19 @@ class RLLoop:
             )
             result = Batch.concat([result, *flat])
         return result[:wanted]
+
+    def draw(self, prompts: list[PromptRow], step: int, metrics: dict[str, float], fixed_widths: bool) -> Batch:
+        """n samples per prompt. An estimator that needs a greedy baseline (ReMax) also gets one greedy response per
+        prompt, scored: its reward is the baseline_rewards of each of that prompt's rows."""
+        sampling = self.cfg.roles.rollout.sampling
+        with timed(metrics, "gen"):
+            batch = self.generate(prompts, self.n, sampling, step, fixed_widths=fixed_widths)
+        if self.needs.baseline:
+            with timed(metrics, "gen_max"):  # verl's name for ReMax's greedy generation
+                greedy = self.generate(prompts, 1, replace(sampling, temperature=0.0), step)
+                scores = self.score(greedy).result(metrics)["token_level_scores"].sum(-1)
+            batch["baseline_rewards"] = scores.repeat_interleave(self.n)
+        return batch
 
     def generate(
         self, prompts: list[PromptRow], n: int, sampling: SamplingConfig, step: int, fixed_widths: bool = False
@@ -216,6 +232,7 @@ class RLLoop:
             batch["response_mask"],
             group_ids=batch["uid"],
             values=batch.get("values"),
+            baseline_rewards=batch.get("baseline_rewards"),
             gamma=algo.gamma,
             lam=algo.lam,
             norm_adv_by_std=algo.norm_adv_by_std_in_grpo,
@@ -226,16 +243,16 @@ class RLLoop:
     def update_rollout_weights(self, version: int) -> dict[str, float]:
         """Push the trainer's weights to the engines. Sleeping engines first wake their weights (the sync writes
         into them), and re-allocate their KV cache only after it, so the two never need the GPU at once."""
-        if not self.engines_sleep:
+        if not self.sleeping:
             return self.push_weights(version)
-        self.roles.rollout.wake_up.all(["weights"]).result()
+        self.sleeping.wake_up.all(["weights"]).result()
         try:
             metrics = self.push_weights(version)
         except BaseException:
             with contextlib.suppress(Exception):  # the sync's error says more than a wake-up that failed after it
-                self.roles.rollout.wake_up.all(["kv_cache"]).result()
+                self.sleeping.wake_up.all(["kv_cache"]).result()
             raise
-        self.roles.rollout.wake_up.all(["kv_cache"]).result()
+        self.sleeping.wake_up.all(["kv_cache"]).result()
         return metrics
 
     def score(self, batch: Batch) -> RoleCall:

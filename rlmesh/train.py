@@ -6,7 +6,6 @@ python -m rlmesh.train recipe=grpo [dotted.overrides ...]
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import os
@@ -16,20 +15,23 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import hydra
 import ray
 from hydra.core.config_store import ConfigStore
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from rlmesh.config import RlmeshConfig, unknown_keys
-from rlmesh.config_checks import ConfigError, RunPlan, check_cluster_resources, check_config, colocated_resources
+from rlmesh.config_checks import ConfigError, check_cluster_resources, check_config
 from rlmesh.loop import RLLoop, Roles
 from rlmesh.mesh import ActorMesh, Placement, PlacementError
 from rlmesh.mesh.collective import BIND_HOST_ENV
+from rlmesh.plan import RoleSpec, RunPlan
 from rlmesh.recovery import RunFailed, RunInterrupted, StopRequest
+
+if TYPE_CHECKING:
+    from rlmesh.roles.contracts import PolicyMesh, ReferenceMesh, RolloutMesh, ScorerMesh, ValueMesh
 
 log = logging.getLogger("rlmesh")
 
@@ -198,12 +200,8 @@ def start_ray(cfg: RlmeshConfig, plan: RunPlan) -> bool:
 
 
 def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, release: contextlib.ExitStack) -> Roles:
-    """One mesh per role, started concurrently, each registered with `release` for shutdown. Any importable class
-    can play a role through its `_target_`."""
-    roles, seed, device = cfg.roles, cfg.trainer.seed, plan.device
-    actor, critic, rollout, reward = roles.trainer, roles.critic, roles.rollout, roles.reward
-    optimizer_steps = actor.ppo_epochs * (cfg.data.train_batch_size // actor.ppo_mini_batch_size)
-    critic_steps = critic.ppo_epochs * (cfg.data.train_batch_size // critic.ppo_mini_batch_size)
+    """One mesh per row of the plan's role table, started wave by wave (a wave's meshes concurrently), each
+    registered with `release` for shutdown."""
     cluster_timeout = cfg.cluster.placement_timeout_s
     restart_hooks: list[Any] = []
 
@@ -211,90 +209,41 @@ def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, release: con
         for hook in restart_hooks:  # the weight sync, once built, brings new engines up to date first
             hook(mesh, positions)
 
-    trainer_resources, engine_resources = actor.resources_per_device, rollout.resources_per_engine
-    shared: dict[str, Any] = {}
-    if rollout.colocate_with_trainer:  # engine i on trainer rank i's bundle (and GPU)
-        bundle, trainer_resources, engine_resources = colocated_resources(trainer_resources, engine_resources)
-        placement = Placement.create(actor.dp_size, bundle, timeout_s=cluster_timeout)
-        release.callback(placement.remove)
-        shared = {"placement": placement}
-
-    specs: dict[str, tuple[type, dict[str, Any], dict[str, Any]]] = {
-        "trainer": (
-            get_class(actor._target_),
-            {"shape": {"dp": actor.dp_size}, "resources": trainer_resources, **shared},
-            dict(
-                config=actor,
-                rollout_n=rollout.n,
-                total_training_steps=total_steps * optimizer_steps,
-                seed=seed,
-                device=device,
-            ),
-        ),
-        "rollout": (
-            get_class(rollout._target_),
-            {
-                "shape": {"dp": rollout.num_engines},
-                "resources": engine_resources,
-                **shared,
-                "distributed_env": False,
-                "max_in_flight_per_actor": rollout.max_concurrent_requests_per_engine,
-                "on_restart": on_rollout_restart,
-                "auto_restart": True,
-            },
-            dict(config=rollout, model=actor.model, seed=seed, device=device),
-        ),
-        "reward": (
-            get_class(reward._target_),
-            {"shape": {"dp": reward.num_actors}, "resources": reward.resources_per_actor, "distributed_env": False},
-            dict(config=reward, tokenizer_path=actor.model.path, max_response_length=rollout.sampling.max_tokens),
-        ),
-    }
-    if plan.use_reference:
-        ref = roles.reference
-        specs["reference"] = (
-            get_class(ref._target_),
-            {"shape": {"dp": ref.dp_size}, "resources": ref.resources_per_device, "distributed_env": False},
-            dict(config=ref, model=actor.model, device=device),
-        )
-    if plan.use_critic:
-        specs["critic"] = (
-            get_class(critic._target_),
-            {"shape": {"dp": critic.dp_size}, "resources": critic.resources_per_device},
-            dict(
-                config=critic,
-                rollout_n=rollout.n,
-                total_training_steps=total_steps * critic_steps,
-                seed=seed,
-                device=device,
-            ),
-        )
-
     # Reserve every role's bundles one role after another, largest GPU share first: made concurrently, small
     # fractional bundles (a reference's 0.1 GPU) could land where a larger one (a critic's 0.2) was still to go.
-    for name in sorted(specs, key=lambda n: -float(specs[n][1]["resources"].get("GPU", 0.0))):
-        options = specs[name][1]
-        if "placement" not in options:
-            size = math.prod(options["shape"].values())
+    placements: dict[str, Placement] = {}
+    for spec in sorted(plan.roles, key=lambda s: -float((s.bundle or s.resources).get("GPU", 0.0))):
+        if spec.colocate_with is None:
             try:
-                reserved = Placement.create(size, options["resources"], timeout_s=cluster_timeout)
+                placements[spec.name] = Placement.create(
+                    spec.size, spec.bundle or spec.resources, timeout_s=cluster_timeout
+                )
             except PlacementError as err:
-                raise PlacementError(f"role '{name}': {err}") from err
-            release.callback(reserved.remove)
-            options["placement"] = reserved
+                raise PlacementError(f"role '{spec.name}': {err}") from err
+            release.callback(placements[spec.name].remove)
 
-    def start(name: str) -> ActorMesh[Any]:
-        cls, mesh_options, kwargs = specs[name]
-        if "device" in inspect.signature(cls).parameters:  # e.g. a reward model; rule scorers need no device
-            kwargs = {"device": device, **kwargs}
-        return ActorMesh(cls, kwargs=kwargs, name=name, placement_timeout_s=cluster_timeout, **mesh_options)
+    def start(spec: RoleSpec) -> ActorMesh[Any]:
+        kwargs = dict(spec.kwargs)
+        if spec.optimizer_steps_per_step:  # the learning-rate schedule spans the whole run
+            kwargs["total_training_steps"] = total_steps * spec.optimizer_steps_per_step
+        options = dict(spec.mesh_options)
+        if spec.mesh_options.get("auto_restart"):
+            options["on_restart"] = on_rollout_restart
+        return ActorMesh(
+            spec.cls,
+            spec.shape,
+            kwargs=kwargs,
+            name=spec.name,
+            resources=spec.resources,
+            placement=placements[spec.colocate_with or spec.name],
+            placement_timeout_s=cluster_timeout,
+            **options,
+        )
 
-    # Colocated engines start after the trainer has its GPU memory: vLLM sizes its cache from what it finds free.
-    waves = [["trainer"], [n for n in specs if n != "trainer"]] if shared else [list(specs)]
     built: dict[str, ActorMesh[Any]] = {}
-    with ThreadPoolExecutor(len(specs)) as pool:
-        for wave in waves:
-            futures = {name: pool.submit(start, name) for name in wave}
+    with ThreadPoolExecutor(len(plan.roles)) as pool:
+        for wave in sorted({spec.wave for spec in plan.roles}):
+            futures = {spec.name: pool.submit(start, spec) for spec in plan.roles if spec.wave == wave}
             errors = []
             for name, future in futures.items():
                 try:
@@ -307,12 +256,13 @@ def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, release: con
 
     weight_sync = make_weight_sync(cfg, plan.weight_sync, built["trainer"], built["rollout"])
     restart_hooks.append(weight_sync.on_rollout_restart)
+    # The plan checked every class against its role's contract, so each mesh is typed by it.
     return Roles(
-        trainer=built["trainer"],
-        rollout=built["rollout"],
-        reward=built["reward"],
-        reference=built.get("reference"),
-        critic=built.get("critic"),
+        trainer=cast("PolicyMesh", built["trainer"]),
+        rollout=cast("RolloutMesh", built["rollout"]),
+        reward=cast("ScorerMesh", built["reward"]),
+        reference=cast("ReferenceMesh", built["reference"]) if "reference" in built else None,
+        critic=cast("ValueMesh", built["critic"]) if "critic" in built else None,
         weight_sync=weight_sync,
     )
 

@@ -3,6 +3,7 @@
 from rlmesh.algo.advantages import (
     ADVANTAGE_ESTIMATORS,
     AdvantageEstimator,
+    EstimatorNeeds,
     compute_gae_advantage,
     compute_grpo_advantage,
     compute_opo_advantage,
@@ -11,6 +12,7 @@ from rlmesh.algo.advantages import (
     compute_remax_advantage,
     compute_rloo_advantage,
     discounted_returns,
+    estimator_needs,
     get_advantage_estimator,
     register_advantage,
 )
@@ -50,6 +52,7 @@ __all__ = [
     "POLICY_LOSSES",
     "AdaptiveKLController",
     "AdvantageEstimator",
+    "EstimatorNeeds",
     "FixedKLController",
     "KLController",
     "PolicyLoss",
@@ -68,6 +71,7 @@ __all__ = [
     "discounted_returns",
     "entropy_from_logits",
     "entropy_from_logits_chunked",
+    "estimator_needs",
     "explained_variance",
     "get_advantage_estimator",
     "get_kl_estimator",

@@ -24,6 +24,7 @@ response in the batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 import torch
@@ -34,6 +35,7 @@ from rlmesh.algo.masked import masked_sum, masked_whiten
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AdvantageEstimator",
+    "EstimatorNeeds",
     "compute_gae_advantage",
     "compute_grpo_advantage",
     "compute_opo_advantage",
@@ -42,6 +44,7 @@ __all__ = [
     "compute_remax_advantage",
     "compute_rloo_advantage",
     "discounted_returns",
+    "estimator_needs",
     "get_advantage_estimator",
     "register_advantage",
 ]
@@ -65,20 +68,39 @@ class AdvantageEstimator(Protocol):
     ) -> tuple[Tensor, Tensor]: ...
 
 
+@dataclass(frozen=True)
+class EstimatorNeeds:
+    """What an estimator needs beyond rewards and the response mask; the config check and the loop read it."""
+
+    values: bool = False  # per-token values from a critic
+    groups: bool = False  # n >= 2 samples per prompt, grouped by group_ids
+    baseline: bool = False  # baseline_rewards: the reward of each prompt's greedy response (ReMax)
+
+
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+ESTIMATOR_NEEDS: dict[str, EstimatorNeeds] = {}
 
 
-def register_advantage(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
-    """Decorator that adds an estimator to ADVANTAGE_ESTIMATORS under `name` (config: algorithm.adv_estimator)."""
+def register_advantage(
+    name: str, *, needs_values: bool = False, needs_groups: bool = False, needs_baseline: bool = False
+) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """Decorator that adds an estimator to ADVANTAGE_ESTIMATORS under `name` (config: algorithm.adv_estimator),
+    with what it needs: a critic's values, groups of samples per prompt, or a greedy baseline."""
 
     def decorator(estimator: AdvantageEstimator) -> AdvantageEstimator:
         existing = ADVANTAGE_ESTIMATORS.get(name)
         if existing is not None and existing is not estimator:
             raise ValueError(f"advantage estimator {name!r} is already registered as {existing!r}; pick another name")
         ADVANTAGE_ESTIMATORS[name] = estimator
+        ESTIMATOR_NEEDS[name] = EstimatorNeeds(values=needs_values, groups=needs_groups, baseline=needs_baseline)
         return estimator
 
     return decorator
+
+
+def estimator_needs(name: str) -> EstimatorNeeds:
+    """What the estimator registered under `name` needs (nothing extra for an unknown name)."""
+    return ESTIMATOR_NEEDS.get(name, EstimatorNeeds())
 
 
 def get_advantage_estimator(name: str) -> AdvantageEstimator:
@@ -163,7 +185,7 @@ def discounted_returns(token_level_rewards: Tensor, response_mask: Tensor, gamma
 # ------------------------------------------------------------------------------------------------- estimators
 
 
-@register_advantage("gae")
+@register_advantage("gae", needs_values=True)
 @torch.no_grad()
 def compute_gae_advantage(
     token_level_rewards: Tensor,
@@ -204,7 +226,7 @@ def compute_gae_advantage(
     return masked_whiten(raw_advantages, response_mask), returns
 
 
-@register_advantage("grpo")
+@register_advantage("grpo", needs_groups=True)
 @torch.no_grad()
 def compute_grpo_advantage(
     token_level_rewards: Tensor,
@@ -239,7 +261,7 @@ def compute_grpo_advantage(
     return advantages, advantages
 
 
-@register_advantage("rloo")
+@register_advantage("rloo", needs_groups=True)
 @torch.no_grad()
 def compute_rloo_advantage(
     token_level_rewards: Tensor,
@@ -294,7 +316,7 @@ def compute_reinforce_plus_plus_advantage(
     return masked_whiten(returns, response_mask), returns
 
 
-@register_advantage("reinforce_plus_plus_baseline")
+@register_advantage("reinforce_plus_plus_baseline", needs_groups=True)
 @torch.no_grad()
 def compute_reinforce_plus_plus_baseline_advantage(
     token_level_rewards: Tensor,
@@ -322,7 +344,7 @@ def compute_reinforce_plus_plus_baseline_advantage(
     return advantages, advantages
 
 
-@register_advantage("remax")
+@register_advantage("remax", needs_baseline=True)
 @torch.no_grad()
 def compute_remax_advantage(
     token_level_rewards: Tensor,
@@ -355,7 +377,7 @@ def compute_remax_advantage(
     return _zero_padding(returns - baseline, response_mask), returns
 
 
-@register_advantage("opo")
+@register_advantage("opo", needs_groups=True)
 @torch.no_grad()
 def compute_opo_advantage(
     token_level_rewards: Tensor,

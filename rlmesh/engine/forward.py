@@ -13,6 +13,8 @@ from rlmesh.engine.distributed import all_reduce_max
 
 # Rows of [tokens, vocab] logits per chunk when computing entropy: 1024 × 152k (Qwen2.5) float32 is 0.6 GB.
 ENTROPY_CHUNK_ROWS = 1024
+# The batch fields a response forward reads (input_ids = prompt ++ response).
+SCORE_FIELDS = ["input_ids", "attention_mask", "position_ids", "response_mask"]
 
 
 def response_width(batch: Batch) -> int:

@@ -7,11 +7,9 @@ import torch
 from rlmesh.config import ModelConfig, ReferenceConfig
 from rlmesh.data.batch import Batch
 from rlmesh.engine.devices import resolve_device
-from rlmesh.engine.forward import micro_batches, require_fields, response_logprobs
+from rlmesh.engine.forward import SCORE_FIELDS, micro_batches, require_fields, response_logprobs
 from rlmesh.engine.model_io import load_causal_lm
 from rlmesh.mesh import endpoint
-
-SCORE_FIELDS = ["input_ids", "attention_mask", "position_ids", "response_mask"]
 
 
 class Reference:

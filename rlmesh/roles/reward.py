@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlmesh.config import RewardConfig
+from rlmesh.config import OverlongBufferConfig, RewardConfig, RlmeshConfig, check_model_path
 from rlmesh.data.batch import Batch
 from rlmesh.engine.devices import resolve_device, resolve_dtype
 from rlmesh.mesh import endpoint
@@ -68,10 +68,10 @@ def place_scores(scores: torch.Tensor, lengths: torch.Tensor, width: int) -> tor
 class _Overlong:
     """DAPO's overlong penalty settings (reward.overlong_buffer), checked once at construction."""
 
-    def __init__(self, overlong_buffer: Mapping[str, Any], max_response_length: int) -> None:
-        self.enabled = bool(overlong_buffer.get("enable", False))
-        self.buffer_len = int(overlong_buffer.get("len", 0))
-        self.penalty_factor = float(overlong_buffer.get("penalty_factor", 1.0))
+    def __init__(self, overlong_buffer: OverlongBufferConfig, max_response_length: int) -> None:
+        self.enabled = bool(overlong_buffer.enable)
+        self.buffer_len = int(overlong_buffer.len)
+        self.penalty_factor = float(overlong_buffer.penalty_factor)
         self.max_response_length = max_response_length
         if self.enabled and not 0 < self.buffer_len <= max_response_length:
             raise ValueError(
@@ -143,10 +143,12 @@ class RuleReward:
     reward.fallback_score and is marked in `reward_failure` ('error' | 'timeout'); the batch always finishes.
     """
 
+    needs_gpu = False  # scoring runs in CPU worker processes
+
     def __init__(self, config: RewardConfig, *, tokenizer_path: str, max_response_length: int) -> None:
-        custom = _plain_dict(config.custom_reward_function)
+        custom = config.custom_reward_function
         kwargs = _plain_dict(config.reward_kwargs)
-        compute_score = load_compute_score(custom.get("path"), custom.get("name") or "compute_score", **kwargs)
+        compute_score = load_compute_score(custom.path, custom.name or "compute_score", **kwargs)
         self.scorer = RewardScorer(
             compute_score,
             num_workers=config.num_workers,
@@ -156,7 +158,7 @@ class RuleReward:
             preload_modules=("math_verify",) if compute_score is default_compute_score else (),
         )
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self.overlong = _Overlong(_plain_dict(config.overlong_buffer), max_response_length)
+        self.overlong = _Overlong(config.overlong_buffer, max_response_length)
 
     @endpoint(dispatch=split_for_scoring, collect=gather_scores)
     def score(self, batch: Batch) -> Batch:
@@ -199,6 +201,10 @@ class ModelReward:
     is decoded with the policy tokenizer and re-encoded with the reward model's (no chat template is re-applied).
     """
 
+    @staticmethod
+    def preflight(bad: Callable[[str, object, str, str], None], cfg: RlmeshConfig, device: str) -> None:
+        check_model_path(bad, "roles.reward.model.path", cfg.roles.reward.model.path)
+
     def __init__(
         self, config: RewardConfig, *, tokenizer_path: str, max_response_length: int, device: str = "auto"
     ) -> None:
@@ -227,7 +233,7 @@ class ModelReward:
             config.model.path, trust_remote_code=config.model.trust_remote_code
         )
         self.same_vocabulary = self.policy_tokenizer.get_vocab() == self.model_tokenizer.get_vocab()
-        self.overlong = _Overlong(_plain_dict(config.overlong_buffer), max_response_length)
+        self.overlong = _Overlong(config.overlong_buffer, max_response_length)
 
     @endpoint(dispatch=split_for_scoring, collect=gather_scores)
     def score(self, batch: Batch) -> Batch:

@@ -29,23 +29,57 @@ class HalfReward:
         return out
 
 
-class EchoRollout:
-    """Answers every prompt with its own last two tokens, n times, with made-up log-probs."""
+class PlainHFRollout:
+    """A user's rollout: transformers' own `generate`, sampling n responses per prompt, nothing of rlmesh's but the
+    @endpoint marks and the Sample it returns. Weights arrive as a state dict through the object store."""
 
     def __init__(self, config: Any, model: Any, *, seed: int, device: str) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32).eval()
+        self.eos = AutoTokenizer.from_pretrained(model.path).eos_token_id
         self.version = 0
+        self.generated = 0
 
     @endpoint
-    async def generate(
-        self, prompt_ids: list[int], n: int, sampling: Any = None, seed: int | None = None
-    ) -> list[Sample]:
-        response = list(prompt_ids[-2:])
-        return [Sample(list(prompt_ids), response, [-0.5] * len(response), self.version) for _ in range(n)]
+    def generate(self, prompt_ids: list[int], n: int, sampling: Any = None, seed: int | None = None) -> list[Sample]:
+        torch.manual_seed(seed or 0)
+        with torch.no_grad():
+            out = self.model.generate(
+                torch.tensor([prompt_ids]),
+                do_sample=True,
+                temperature=float(sampling.temperature),
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=int(sampling.max_tokens),
+                num_return_sequences=n,
+                pad_token_id=self.eos,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+            logprobs = self.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+        samples = []
+        for tokens, token_logprobs in zip(out.sequences[:, len(prompt_ids) :].tolist(), logprobs.tolist(), strict=True):
+            end = tokens.index(self.eos) + 1 if self.eos in tokens else len(tokens)
+            samples.append(Sample(list(prompt_ids), tokens[:end], token_logprobs[:end], self.version))
+        self.generated += len(samples)
+        return samples
 
     @endpoint
     def load_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        self.model.load_state_dict(weights, strict=False)
         self.version = version
 
     @endpoint
     def weight_version(self) -> int:
         return self.version
+
+
+class ScorerWithoutScore:
+    """A scorer that forgot its endpoint: `score` is a plain method, so the mesh could not call it."""
+
+    def __init__(self, config: Any, *, tokenizer_path: str, max_response_length: int) -> None:
+        pass
+
+    def score(self, batch: Batch) -> Batch:
+        return batch

@@ -6,13 +6,14 @@ import contextlib
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlmesh.config_checks import check_config
+from rlmesh.config_checks import ConfigError, check_config
 from rlmesh.train import build_roles, run
 from tests.conftest import REPO, SMALL_RUN, compose_config
 
@@ -79,7 +80,7 @@ def test_ppo_steps_train_a_critic(tmp_path: Path):
     assert history[0]["critic/vf_loss"] != history[1]["critic/vf_loss"]
 
 
-@pytest.mark.parametrize("recipe", ["rloo", "reinforce_pp", "dapo", "drgrpo"])
+@pytest.mark.parametrize("recipe", ["rloo", "reinforce_pp", "dapo", "drgrpo", "remax"])
 def test_every_other_recipe_runs_its_algorithm_end_to_end(tmp_path: Path, recipe: str):
     history = run(
         config(tmp_path, f"recipe={recipe}", "trainer.total_steps=2", "trainer.test_freq=-1", "trainer.save_freq=0")
@@ -92,21 +93,38 @@ def test_every_other_recipe_runs_its_algorithm_end_to_end(tmp_path: Path, recipe
         # The base model solves ~18%, so many groups of 4 score all 0 and get filtered out: a step draws again and
         # concatenates the draws (which once failed on their different padded widths).
         assert max(m["dynamic_sampling/gen_batches"] for m in history) >= 2
+    if recipe == "remax":  # the greedy baseline was generated and scored every step
+        assert all(m["timing_s/gen_max"] > 0 for m in history)
 
 
 def test_user_defined_reward_and_rollout_classes_plug_in_by_target(tmp_path: Path):
-    history = run(
-        config(
-            tmp_path,
-            "roles.reward._target_=tests.integration.custom_roles.HalfReward",
-            "roles.rollout._target_=tests.integration.custom_roles.EchoRollout",
-            "trainer.total_steps=1",
-            "trainer.test_freq=-1",
-            "trainer.save_freq=0",
-        )
+    """Two classes that inherit from nothing of rlmesh's play the scorer and the rollout, chosen by _target_ alone:
+    no vLLM check, no collective transport (the plan reads what the classes can do)."""
+    overrides = (
+        "roles.reward._target_=tests.integration.custom_roles.HalfReward",
+        "roles.rollout._target_=tests.integration.custom_roles.PlainHFRollout",
     )
-    assert history[0]["critic/score/mean"] == 0.5  # the user's reward scored it
-    assert history[0]["response_length/mean"] == 2.0  # the user's rollout generated it
+    cfg = config(tmp_path, *overrides, "trainer.total_steps=2", "trainer.test_freq=-1", "trainer.save_freq=0")
+    plan = check_config(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
+    assert plan.weight_sync == "object_store" and plan.role("rollout").cls.__name__ == "PlainHFRollout"
+    history = run(cfg)
+    assert [m["training/global_step"] for m in history] == [1.0, 2.0]
+    assert all(m["critic/score/mean"] == 0.5 for m in history)  # the user's scorer scored every response
+    # The recipe trains on the rollout's own log-probs (no recompute): the trainer's agree with them only if they
+    # really are what HF generate sampled from (made-up ones, as a stub would return, are far off).
+    assert abs(history[0]["actor/ppo_kl"]) < 1e-4
+
+
+def test_a_role_class_missing_an_endpoint_fails_before_any_actor_starts(tmp_path: Path, monkeypatch):
+    import rlmesh.train
+
+    def tripwire(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a mesh started for a class that cannot play its role")
+
+    monkeypatch.setattr(rlmesh.train, "start_ray", tripwire)
+    cfg = config(tmp_path, "roles.reward._target_=tests.integration.custom_roles.ScorerWithoutScore")
+    with pytest.raises(ConfigError, match=r"ScorerWithoutScore has no endpoint score\(batch\) \(is not marked"):
+        run(cfg)
 
 
 def test_colocated_engines_share_the_trainers_bundles_and_take_its_weights(tmp_path: Path):

@@ -1,6 +1,7 @@
 """Bad configs and bad data fail before any actor starts, with a message that names the key (and the row or file).
 
-Every rule of rlmesh/config_checks.py has a case here; a test reads that file and fails if a rule's key has none.
+Every rule has a case here (the checks in rlmesh/config_checks.py, and the ones RULE_FILES hold for the role classes
+and the plan); a test reads those files and fails if a rule's key has none.
 The cases go through `run()`, the entry point `python -m rlmesh.train` calls, with Ray and the role meshes replaced by
 tripwires: a case passes only if it fails before reaching them.
 """
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 import rlmesh.config_checks
+import rlmesh.roles.rollout.vllm as vllm_rollout
 import rlmesh.train
 from rlmesh.config_checks import ConfigError
 from rlmesh.data import make_task_rows
@@ -172,7 +174,24 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("kv_node", ["roles.rollout.max_num_seqs=100000"], "roles.rollout.max_num_seqs", "NUMA node"),
     ("kv_host", ["roles.rollout.kv_cache_memory_gb=2", "small_host"], "roles.rollout.kv_cache_memory_gb", "host has"),
     ("transport", ["roles.rollout.weight_sync=carrier_pigeon"], "roles.rollout.weight_sync", "unknown transport"),
-    ("hf_transport", ["rollout=hf", "roles.rollout.weight_sync=gloo"], "roles.rollout.weight_sync", "object store"),
+    (
+        "hf_transport",
+        ["rollout=hf", "roles.rollout.weight_sync=gloo"],
+        "roles.rollout.weight_sync",
+        "moves weights over ['object_store'] only",
+    ),
+    (
+        "role_not_importable",
+        ["roles.reward._target_=no_such_package.Scorer"],
+        "roles.reward._target_",
+        "cannot be imported",
+    ),
+    (
+        "role_missing_endpoint",
+        ["roles.reward._target_=rlmesh.roles.reference.Reference"],  # a real class, playing the wrong role
+        "roles.reward._target_",
+        "has no endpoint score(batch) (is missing), which the Scorer contract needs",
+    ),
     ("nccl_cpu", ["roles.rollout.weight_sync=nccl"], "roles.rollout.weight_sync", "nccl needs GPUs"),
     (
         "ipc_apart",
@@ -218,9 +237,9 @@ CASES: list[tuple[str, list[str], str, str]] = [
         "roles.rollout.tensor_parallel_size",
         "lives on one trainer rank's GPU",
     ),
-    ("sleep_cpu", ["roles.rollout.enable_sleep_mode=true"], "roles.rollout.enable_sleep_mode", "on GPUs only"),
-    ("no_vllm", ["no_vllm"], "rollout", "vLLM is not installed"),
-    ("old_vllm", ["old_vllm"], "rollout", "vLLM 0.11.0 is installed, and rlmesh supports 0.32.x"),
+    ("sleep_cpu", ["roles.rollout.enable_sleep_mode=true"], "roles.rollout.enable_sleep_mode", "run is on CPU"),
+    ("no_vllm", ["no_vllm"], "roles.rollout._target_", "vLLM is not installed"),
+    ("old_vllm", ["old_vllm"], "roles.rollout._target_", "vLLM 0.11.0 is installed, and rlmesh supports 0.32.x"),
 ]
 
 
@@ -232,12 +251,12 @@ def compose_case(overrides: list[str], folders: dict[str, Path], monkeypatch: py
         small = HostMemory(available_bytes=1 << 30, node=None, node_available_bytes=None)
         monkeypatch.setattr("rlmesh.roles.rollout.kv_cache.host_memory", lambda: small)
     if "no_vllm" in overrides:
-        real = rlmesh.config_checks.importlib.util.find_spec
+        real = vllm_rollout.importlib.util.find_spec
         monkeypatch.setattr(
-            rlmesh.config_checks.importlib.util, "find_spec", lambda name: None if name == "vllm" else real(name)
+            vllm_rollout.importlib.util, "find_spec", lambda name: None if name == "vllm" else real(name)
         )
     if "old_vllm" in overrides:
-        monkeypatch.setattr(rlmesh.config_checks, "installed_vllm_version", lambda: "0.11.0")
+        monkeypatch.setattr(vllm_rollout, "installed_vllm_version", lambda: "0.11.0")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for name, folder in folders.items():
         overrides = [o.replace(f"{{{name}}}", str(folder)) for o in overrides]
@@ -256,11 +275,15 @@ def test_a_bad_config_fails_before_any_actor_starts_naming_its_key(
     assert any(why in p and "Fix:" in p for p in problems), problems
 
 
+RULE_FILES = ["config_checks.py", "plan.py", "config.py", "roles/rollout/vllm.py", "roles/reward.py"]
+
+
 def test_every_rule_in_config_checks_has_a_case():
-    """The string keys of every bad(...) call in config_checks.py (f-string keys by their literal tail)."""
-    tree = ast.parse((REPO / "rlmesh" / "config_checks.py").read_text())
+    """The string keys of every bad(...) call in RULE_FILES (f-string keys by their literal tail)."""
     keys = set()
-    for node in ast.walk(tree):
+    nodes = [node for name in RULE_FILES for node in ast.walk(ast.parse((REPO / "rlmesh" / name).read_text()))]
+    assert any(getattr(node, "func", None) for node in nodes)
+    for node in nodes:
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "bad" and node.args:
             first = node.args[0]
             if isinstance(first, ast.Constant):

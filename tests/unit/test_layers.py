@@ -23,7 +23,8 @@ LAYERS: list[set[str]] = [
     {"sync"},
     {"engine"},
     {"roles"},
-    {"recovery", "config_checks", "plan"},
+    {"plan"},  # the role table: reads the role classes
+    {"recovery", "config_checks"},
     {"loop"},
     {"train", "cli"},
 ]

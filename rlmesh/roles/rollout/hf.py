@@ -154,6 +154,8 @@ class HFRollout:
     throughput when n is small (measured: 1.3x at n=16, 6.5x at n=4 on the 2-core CPU).
     """
 
+    weight_transports = ("object_store",)  # a full state dict through Ray's object store (load_weights)
+
     def __init__(
         self,
         config: RolloutConfig,

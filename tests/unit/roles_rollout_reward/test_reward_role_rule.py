@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from rlmesh.config import RewardConfig
+from rlmesh.config import CustomRewardFunctionConfig, OverlongBufferConfig, RewardConfig
 from rlmesh.data.batch import Batch
 from rlmesh.models.tiny import build_char_tokenizer
 from rlmesh.roles.reward import RuleReward, gather_scores, place_scores, split_for_scoring
@@ -87,7 +87,7 @@ def test_errors_and_timeouts_get_the_fallback_and_are_marked(tiny_model_path: st
         num_workers=2,
         timeout_s=0.5,
         fallback_score=-1.0,
-        custom_reward_function={"path": str(reward_file), "name": "compute_score"},
+        custom_reward_function=CustomRewardFunctionConfig(path=str(reward_file), name="compute_score"),
         reward_kwargs={"bonus": 0.25},
     )
     # The user's function sees '68', not '68<|endoftext|>': special tokens are skipped when decoding.
@@ -104,7 +104,7 @@ def test_overlong_penalty_uses_the_response_length(tiny_model_path: str) -> None
     reward = make_reward(
         tiny_model_path,
         max_response_length=8,
-        overlong_buffer={"enable": True, "len": 4, "penalty_factor": 1.0},
+        overlong_buffer=OverlongBufferConfig(enable=True, len=4, penalty_factor=1.0),
     )
     lengths = [3, 4, 6, 8]
     responses = [[*encode("6" * (length - 1)), EOS] for length in lengths]
@@ -118,7 +118,7 @@ def test_overlong_penalty_uses_the_response_length(tiny_model_path: str) -> None
     assert sums == pytest.approx([1.0 + penalty for penalty in penalties])
     reward.close()
     with pytest.raises(ValueError, match=r"overlong_buffer\.len"):
-        make_reward(tiny_model_path, overlong_buffer={"enable": True, "len": 0})
+        make_reward(tiny_model_path, overlong_buffer=OverlongBufferConfig(enable=True, len=0))
 
 
 def test_rule_reward_takes_its_config_as_hydra_gives_it(tiny_model_path: str, tmp_path: Path) -> None:
@@ -127,9 +127,9 @@ def test_rule_reward_takes_its_config_as_hydra_gives_it(tiny_model_path: str, tm
     config = OmegaConf.structured(
         RewardConfig(
             num_workers=1,
-            custom_reward_function={"path": str(reward_file), "name": "compute_score"},
+            custom_reward_function=CustomRewardFunctionConfig(path=str(reward_file), name="compute_score"),
             reward_kwargs={"bonus": 0.5},
-            overlong_buffer={"enable": True, "len": 4, "penalty_factor": 1.0},
+            overlong_buffer=OverlongBufferConfig(enable=True, len=4, penalty_factor=1.0),
         )
     )
     reward = RuleReward(config, tokenizer_path=tiny_model_path, max_response_length=8)

@@ -1,0 +1,290 @@
+"""The run plan: which class plays each role, its mesh shape, resources, constructor arguments and start order.
+
+One table, read by the resource checks, the placement and build_roles alike. Classes come from `_target_` and are
+checked against their role's contract (rlmesh.roles.contracts) here, before any actor starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from hydra.utils import get_class
+
+from rlmesh.config import RlmeshConfig
+from rlmesh.roles.contracts import (
+    COLLECTIVE_TRANSPORTS,
+    Capabilities,
+    CollectivePolicyLearner,
+    CollectiveRollout,
+    PolicyLearner,
+    Reference,
+    Rollout,
+    Scorer,
+    SleepingRollout,
+    ValueLearner,
+    capabilities_of,
+    contract_problems,
+)
+
+Report = Callable[[str, object, str, str], None]  # bad(key, value, why, fix)
+TRANSPORTS = ("auto", "object_store", *COLLECTIVE_TRANSPORTS)
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """One row of the role table."""
+
+    name: str  # trainer | rollout | reward | reference | critic
+    cls: type
+    contracts: tuple[type, ...]  # the Protocols the class was checked against
+    capabilities: Capabilities
+    shape: dict[str, int]
+    resources: dict[str, float]  # what each actor asks Ray for
+    kwargs: dict[str, Any]  # constructor arguments (a learner's total_training_steps joins them when it is known)
+    mesh_options: dict[str, Any] = field(default_factory=dict)  # ActorMesh options: distributed_env, auto_restart...
+    wave: int = 0  # start order: wave 1 starts once every wave-0 mesh is up
+    colocate_with: str | None = None  # shares that role's placement, bundle i holding both roles' rank i
+    bundle: dict[str, float] | None = None  # what one placement bundle holds, when it is more than `resources`
+    outside_actors: dict[str, float] = field(default_factory=dict)  # taken by its own processes (vLLM's tp workers)
+    optimizer_steps_per_step: int = 0  # > 0: a learner; it gets total_training_steps = total steps × this
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape.values())
+
+    @property
+    def key(self) -> str:
+        return f"roles.{self.name}"
+
+    def reserved(self) -> dict[str, float]:
+        """What this role takes from the cluster: its placement bundles (none when it lives in another role's) plus
+        what its processes take outside them."""
+        bundle = {} if self.colocate_with else (self.bundle or self.resources)
+        total = {k: float(v) * self.size for k, v in bundle.items()}
+        for k, v in self.outside_actors.items():
+            total[k] = total.get(k, 0.0) + v
+        return total
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the checks derived from the config (the config itself is never changed)."""
+
+    device: str
+    use_critic: bool
+    use_reference: bool
+    roles: tuple[RoleSpec, ...]
+    samples_per_step: int
+    weight_sync: str = "object_store"  # the transport `auto` resolved to: object_store | gloo | nccl | cuda_ipc
+
+    @property
+    def resources(self) -> dict[str, dict[str, float]]:
+        """role -> what its mesh takes from the cluster."""
+        return {spec.name: spec.reserved() for spec in self.roles}
+
+    def role(self, name: str) -> RoleSpec:
+        return next(spec for spec in self.roles if spec.name == name)
+
+
+def resolve_role_class(bad: Report, key: str, target: str) -> type | None:
+    try:
+        cls = get_class(target)
+    except Exception as err:  # Hydra wraps the ImportError or AttributeError
+        cause = err.__cause__ or err
+        bad(
+            f"{key}._target_",
+            target,
+            f"cannot be imported ({type(cause).__name__}: {cause})",
+            "give the dotted path of a class (package.module.Class) importable from the directory you run in",
+        )
+        return None
+    return cls
+
+
+def plan_roles(
+    bad: Report, cfg: RlmeshConfig, device: str, use_critic: bool, use_reference: bool
+) -> tuple[tuple[RoleSpec, ...], str]:
+    """The role table and the weight transport, or problems reported through `bad` (then the table may be short)."""
+    roles, seed = cfg.roles, cfg.trainer.seed
+    actor, rollout, reward, critic, ref = roles.trainer, roles.rollout, roles.reward, roles.critic, roles.reference
+    prompts = cfg.data.train_batch_size
+    rows: list[tuple[str, str, dict[str, int], dict[str, float], dict[str, Any], dict[str, Any], int]] = [
+        # name, _target_, shape, resources per actor, constructor arguments, mesh options, optimizer steps per step
+        (
+            "trainer",
+            actor._target_,
+            {"dp": actor.dp_size},
+            dict(actor.resources_per_device),
+            dict(config=actor, rollout_n=rollout.n, seed=seed),
+            {},
+            actor.ppo_epochs * (prompts // max(actor.ppo_mini_batch_size, 1)),
+        ),
+        (
+            "rollout",
+            rollout._target_,
+            {"dp": rollout.num_engines},
+            dict(rollout.resources_per_engine),
+            dict(config=rollout, model=actor.model, seed=seed),
+            {
+                "distributed_env": False,
+                "max_in_flight_per_actor": rollout.max_concurrent_requests_per_engine,
+                "auto_restart": True,
+            },
+            0,
+        ),
+        (
+            "reward",
+            reward._target_,
+            {"dp": reward.num_actors},
+            dict(reward.resources_per_actor),
+            dict(config=reward, tokenizer_path=actor.model.path, max_response_length=rollout.sampling.max_tokens),
+            {"distributed_env": False},
+            0,
+        ),
+    ]
+    if use_reference:
+        rows.append(
+            (
+                "reference",
+                ref._target_,
+                {"dp": ref.dp_size},
+                dict(ref.resources_per_device),
+                dict(config=ref, model=actor.model),
+                {"distributed_env": False},
+                0,
+            )
+        )
+    if use_critic:
+        rows.append(
+            (
+                "critic",
+                critic._target_,
+                {"dp": critic.dp_size},
+                dict(critic.resources_per_device),
+                dict(config=critic, rollout_n=rollout.n, seed=seed),
+                {},
+                critic.ppo_epochs * (prompts // max(critic.ppo_mini_batch_size, 1)),
+            )
+        )
+    classes = {name: resolve_role_class(bad, f"roles.{name}", target) for name, target, *_ in rows}
+    caps = {name: capabilities_of(cls) for name, cls in classes.items() if cls is not None}
+    transport = resolve_weight_transport(bad, cfg, device, caps.get("trainer"), caps.get("rollout"))
+    contracts = role_contracts(transport, rollout.enable_sleep_mode)
+    colocated = rollout.colocate_with_trainer
+    specs = []
+    for name, _, shape, resources, kwargs, options, optimizer_steps in rows:
+        cls = classes[name]
+        if cls is None:
+            continue
+        if caps[name].takes_device:
+            kwargs = {**kwargs, "device": device}
+        constructed = {**kwargs, "total_training_steps": 0} if optimizer_steps else kwargs
+        problems: dict[str, type] = {}  # a narrower contract repeats its base's problems: each is reported once
+        for contract in contracts[name]:
+            problems |= {p: contract for p in contract_problems(cls, contract, constructed) if p not in problems}
+        key = f"roles.{name}._target_"
+        for problem, contract in problems.items():
+            bad(key, f"{cls.__module__}.{cls.__qualname__}", problem, _contract_fix(contract))
+        spec = RoleSpec(name, cls, contracts[name], caps[name], shape, resources, kwargs, options)
+        specs.append(_with_run_settings(spec, optimizer_steps, rollout.tensor_parallel_size, colocated))
+    if colocated and {"trainer", "rollout"} <= {s.name for s in specs}:
+        specs = _colocate(specs)
+    return tuple(specs), transport
+
+
+def role_contracts(transport: str, sleeps: bool) -> dict[str, tuple[type, ...]]:
+    """The Protocols each role's class must satisfy, given the resolved transport and sleep mode."""
+    collective = transport in COLLECTIVE_TRANSPORTS
+    rollout: tuple[type, ...] = (Rollout,) + ((CollectiveRollout,) if collective else ())
+    return {
+        "trainer": (PolicyLearner,) + ((CollectivePolicyLearner,) if collective else ()),
+        "rollout": rollout + ((SleepingRollout,) if sleeps else ()),
+        "reward": (Scorer,),
+        "reference": (Reference,),
+        "critic": (ValueLearner,),
+    }
+
+
+def resolve_weight_transport(
+    bad: Report, cfg: RlmeshConfig, device: str, trainer: Capabilities | None, rollout: Capabilities | None
+) -> str:
+    """roles.rollout.weight_sync, with `auto` resolved from what both classes can do: a collective transport when
+    both can (cuda_ipc colocated on GPU, nccl across GPUs, gloo on CPU), else the object store."""
+    asked = cfg.roles.rollout.weight_sync
+    if asked not in TRANSPORTS:
+        bad("roles.rollout.weight_sync", asked, "unknown transport", f"use one of {TRANSPORTS}")
+        return asked
+    if trainer is None or rollout is None:
+        return asked
+    both = [t for t in rollout.weight_transports if t in trainer.weight_transports]
+    transport = asked
+    if asked == "auto":
+        if not any(t in COLLECTIVE_TRANSPORTS for t in both):
+            transport = "object_store"
+        elif device == "cuda":
+            transport = "cuda_ipc" if cfg.roles.rollout.colocate_with_trainer else "nccl"
+        else:
+            transport = "gloo"
+    for role, caps in (("rollout", rollout), ("trainer", trainer)):
+        if transport not in caps.weight_transports:
+            target = cfg.roles.rollout._target_ if role == "rollout" else cfg.roles.trainer._target_
+            bad(
+                "roles.rollout.weight_sync",
+                asked,
+                f"the {role} class {target} moves weights over {list(caps.weight_transports)} only, not {transport}",
+                f"use auto or one of {both}" if both else "pick trainer and rollout classes that share a transport",
+            )
+    return transport
+
+
+def _with_run_settings(spec: RoleSpec, optimizer_steps: int, tensor_parallel: int, colocated: bool) -> RoleSpec:
+    updates: dict[str, Any] = {"optimizer_steps_per_step": optimizer_steps}
+    if spec.name == "rollout" and tensor_parallel > 1:  # vLLM's ray executor reserves the engine's GPUs itself
+        updates["outside_actors"] = {"GPU": float(tensor_parallel * spec.size)}
+    if colocated and spec.name == "rollout":
+        updates["wave"] = 1  # vLLM sizes its cache from the GPU memory it finds free, so the trainer loads first
+    return replace(spec, **updates)
+
+
+def _colocate(specs: list[RoleSpec]) -> list[RoleSpec]:
+    """Engine i joins trainer rank i's bundle: resources add up, except that the bundle holds at most one GPU,
+    which both share, so fractions that sum past 1 are scaled down in proportion."""
+    trainer = next(s for s in specs if s.name == "trainer")
+    rollout = next(s for s in specs if s.name == "rollout")
+    bundle, trainer_request, engine_request = colocated_resources(trainer.resources, rollout.resources)
+    out = []
+    for spec in specs:
+        if spec is trainer:
+            spec = replace(spec, resources=trainer_request, bundle=bundle)
+        elif spec is rollout:
+            spec = replace(spec, resources=engine_request, colocate_with="trainer")
+        out.append(spec)
+    return out
+
+
+def colocated_resources(
+    trainer: dict[str, float], engine: dict[str, float]
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """(bundle, trainer request, engine request) when a trainer rank and an engine share one bundle: resources add
+    up, except that the bundle holds at most one GPU, which both actors share (so Ray gives them the same
+    CUDA_VISIBLE_DEVICES): GPU fractions that sum past 1 are scaled down in proportion, {GPU: 1} each to halves."""
+    bundle = {k: float(trainer.get(k, 0.0)) + float(engine.get(k, 0.0)) for k in {*trainer, *engine}}
+    trainer_request = {k: float(v) for k, v in trainer.items()}
+    engine_request = {k: float(v) for k, v in engine.items()}
+    gpus = bundle.get("GPU", 0.0)
+    if gpus > 1:
+        bundle["GPU"] = 1.0
+        for request in (trainer_request, engine_request):
+            if "GPU" in request:
+                request["GPU"] /= gpus
+    return bundle, trainer_request, engine_request
+
+
+def _contract_fix(contract: type) -> str:
+    return (
+        f"give the class the endpoints of rlmesh.roles.contracts.{contract.__name__} (marked @endpoint), or "
+        "point _target_ at a class that has them"
+    )
