@@ -304,6 +304,15 @@ def test_every_rule_in_config_checks_has_a_case():
         ("+roles.trainer.optim.lrr=1e-5", "roles.trainer.optim.lrr (did you mean roles.trainer.optim.lr?)"),
         ("roles.trainer.optim.lr=fast", "roles.trainer.optim.lr"),  # a wrong type
         ("trainer.total_steps=many", "trainer.total_steps"),
+        # the three settings that were free-form dicts, read with defaults, where typos went unnoticed
+        ("algorithm.dynamic_sampling.enabel=true", "algorithm.dynamic_sampling.enabel"),
+        (
+            "+algorithm.dynamic_sampling.enabel=true",
+            "algorithm.dynamic_sampling.enabel (did you mean algorithm.dynamic_sampling.enable?)",
+        ),
+        ("+roles.reward.overlong_buffer.lenght=4", "(did you mean roles.reward.overlong_buffer.len?)"),
+        ("roles.reward.custom_reward_function.nmae=f", "roles.reward.custom_reward_function.nmae"),
+        ("+roles.reward.custom_reward_function.nmae=f", "(did you mean roles.reward.custom_reward_function.name?)"),
     ],
 )
 def test_unknown_keys_and_wrong_types_name_the_key(override: str, named: str, no_actors):
