@@ -29,6 +29,7 @@ from rlmesh.algo.kl import (
 )
 from rlmesh.algo.logits import entropy_from_logits, entropy_from_logits_chunked, logprobs_from_logits
 from rlmesh.algo.losses import (
+    GSPO_LOG_RATIO_MAX,
     LOG_RATIO_CLAMP,
     LOSS_AGG_MODES,
     POLICY_LOSSES,
@@ -46,6 +47,7 @@ from rlmesh.algo.objective import PolicyObjective, policy_objective
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "GSPO_LOG_RATIO_MAX",
     "KL_ESTIMATORS",
     "LOG_RATIO_CLAMP",
     "LOSS_AGG_MODES",

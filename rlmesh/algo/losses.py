@@ -23,6 +23,7 @@ from torch import Tensor
 from rlmesh.algo.masked import masked_mean, masked_sum
 
 __all__ = [
+    "GSPO_LOG_RATIO_MAX",
     "LOG_RATIO_CLAMP",
     "LOSS_AGG_MODES",
     "POLICY_LOSSES",
@@ -38,9 +39,14 @@ __all__ = [
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
-# exp(20) ~ 4.9e8 is finite in every float dtype we train in (bf16 and fp16 included), and a log-ratio that large
-# means the sample is hopelessly off-policy anyway. The same bound as verl.
+# The bound on a token's log-ratio before exp(), as verl's PPO loss. exp(20) ~ 4.9e8 is finite in float32 and
+# bfloat16 (max ~3.4e38) but not in float16 (max 65504): what keeps the ratio finite is that it is computed in
+# float32, from the float32 log-probs response_logprobs returns (logits are promoted to at least float32), and the
+# trainer refuses float16 compute. A log-ratio that large means the sample is hopelessly off-policy anyway.
 LOG_RATIO_CLAMP = 20.0
+# GSPO's sequence ratio is bounded tighter above, as verl's: with a negative advantage the loss is -A_i s_i itself,
+# up to |A_i| exp(20) ~ 4.9e8 |A_i| under the PPO bound, and one such sequence would swamp a batch's loss.
+GSPO_LOG_RATIO_MAX = 10.0
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
@@ -63,9 +69,12 @@ def agg_loss(
                                                                                    max response length, not L_i
 
     So seq-mean-token-sum-norm is seq-mean-token-sum / norm_constant, and token-mean equals seq-mean-token-mean
-    when every row has the same L_i. Rows with L_i = 0 are left out of S. seq-mean-token-sum-norm needs
-    norm_constant: a default such as T would make the loss depend on how much padding a batch happens to have.
-    (verl divides that mode by the constant only, not by S; its trainer scales by the batch size elsewhere.)
+    when every row has the same L_i. Rows with L_i = 0 are left out of S. seq-mean-token-sum-norm needs a
+    norm_constant here, with no default. The policy trainer passes loss_norm_constant, else the padded response
+    width T (policy_objective), and the critic T; T follows each batch's longest response unless the batch is padded
+    to a fixed width, so Dr.GRPO's fixed constant needs loss_norm_constant (recipes/drgrpo.yaml: max_tokens).
+    verl's agg_loss computes the same: the sequence sums over the sequence count, divided by its
+    loss_scale_factor, which also defaults to T.
 
     `denominator`, when given, replaces sum_it m_it (token-mean) or S (seq modes). With gradient accumulation or
     data parallelism pass the count over the whole mini-batch on every rank, so that the micro-batch losses sum to
@@ -253,14 +262,16 @@ def compute_policy_loss_gspo(
     With seq-mean-token-mean and sequence-level advantages this is the paper's GSPO objective and gradient,
     -(1/S) sum_i A_i s_i (1/L_i) sum_t grad log pi_it; with token-level advantages it is GSPO-token. The paper
     clips tightly (clip_ratio_low 3e-4, clip_ratio_high 4e-4), since s_i is a per-token geometric mean. The
-    log-ratio is clamped to [-20, 20]. GSPO has no dual clip: clip_ratio_c is not used and pg_clipfrac_lower is 0.
+    log-ratio is clamped to [-20, 10], at 10 above as verl (GSPO_LOG_RATIO_MAX): with A_i < 0 the loss of a sequence
+    is -A_i s_i, at most |A_i| exp(10) ~ 2.2e4 |A_i|, and its gradient is 0 beyond the bound. GSPO has no dual
+    clip: clip_ratio_c is not used and pg_clipfrac_lower is 0.
     """
     lower, upper = _clip_bounds(clip_ratio, clip_ratio_low, clip_ratio_high)
     log_ratio, advantages = _masked_inputs(old_log_prob, log_prob, advantages, response_mask)
     sequence_log_ratio = masked_mean(log_ratio, response_mask, dim=-1, keepdim=True)
     # log_prob - sg[log_prob] is 0 in value and carries d log_prob in the gradient: the stop-gradient trick.
     token_log_ratio = torch.where(response_mask != 0, log_prob - log_prob.detach(), 0.0) + sequence_log_ratio.detach()
-    ratio = torch.exp(token_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    ratio = torch.exp(token_log_ratio.clamp(-LOG_RATIO_CLAMP, GSPO_LOG_RATIO_MAX))
 
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(lower, upper)

@@ -55,11 +55,12 @@ def policy_objective(
         seq-mean-token-mean      sum_i (sum_t m_it x_it / L_i) / D
         seq-mean-token-sum-norm  sum_i sum_t m_it x_it / (C * D)     Dr.GRPO
 
-    C is norm_constant, by default T (the padded response width). D is the accumulation denominator: the number of
-    valid tokens (token-mean) or of non-empty sequences (the seq modes). None counts this batch's own, which gives
-    the loss of exactly these tensors. A trainer that accumulates gradients passes, on each of its W ranks, the
-    count over the whole mini-batch of all ranks divided by W: the losses of a rank's micro-batches then add up,
-    and DDP's average over ranks gives, the loss of the whole mini-batch.
+    C is norm_constant, by default T, the padded response width (the longest response, unless the batch was padded
+    to a fixed width). D is the accumulation denominator: the number of valid tokens (token-mean) or of non-empty
+    sequences (the seq modes). None counts this batch's own, which gives the loss of exactly these tensors. A
+    trainer that accumulates gradients passes, on each of its W ranks, the count over the whole mini-batch of all
+    ranks divided by W: a rank's micro-batch losses then add up to W times its share of the mini-batch loss, and
+    DDP's average of the ranks' gradients is the gradient of the whole mini-batch's loss.
 
     Gradient flows through log_prob and entropy only; masked positions reach nothing, whatever they hold.
     """

@@ -107,6 +107,26 @@ def test_log_ratio_is_clamped_against_overflow() -> None:
 # ------------------------------------------------------------------------------------------------------- GSPO
 
 
+@pytest.mark.parametrize("log_ratio", [10.5, 14.3, 19.9])
+def test_gspo_bounds_its_sequence_log_ratio_at_10_like_verl(log_ratio: float) -> None:
+    # Between 10 and 20 (inside the PPO bound) a negative advantage makes the loss -A * s itself: with the PPO bound
+    # it would reach 0.5 * exp(14.3) = 8e5; verl's bound of 10 keeps it at 0.5 * exp(10) = 1.1e4, without gradient.
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    new = torch.full((1, 3), log_ratio, dtype=torch.float64, requires_grad=True)
+    advantages = torch.full((1, 3), -0.5, dtype=torch.float64)
+    loss, metrics = get_policy_loss("gspo")(old, new, advantages, torch.ones(1, 3), clip_ratio=0.2)
+    assert loss.item() == pytest.approx(0.5 * math.exp(10.0))
+    assert metrics["pg_clipfrac"].item() == 0.0  # the unclipped term is the larger one: its value, not the clip's
+    loss.backward()
+    assert new.grad is not None and (new.grad == 0).all()
+    # Just under the bound the ratio is left alone, and the gradient flows.
+    below = torch.full((1, 3), 9.5, dtype=torch.float64, requires_grad=True)
+    loss, _ = get_policy_loss("gspo")(old, below, advantages, torch.ones(1, 3), clip_ratio=0.2)
+    assert loss.item() == pytest.approx(0.5 * math.exp(9.5))
+    loss.backward()
+    assert below.grad is not None and (below.grad > 0).all()
+
+
 def test_gspo_matches_hand_computed_case() -> None:
     old = torch.zeros(2, 2, dtype=torch.float64)
     new = torch.tensor([[0.1, 0.3], [-0.2, 7.0]], dtype=torch.float64, requires_grad=True)
