@@ -8,7 +8,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Self
@@ -409,21 +409,3 @@ def timed(metrics: dict[str, float], name: str) -> Iterator[Timer]:
     finally:
         key = f"timing_s/{name}"
         metrics[key] = metrics.get(key, 0.0) + timer.elapsed
-
-
-def reduce_metrics(per_rank: Iterable[Mapping[str, float]]) -> dict[str, float]:
-    """One dict from many (e.g. one per dp rank): the mean per key over the dicts that have it, except keys ending in
-    /max or /min, which take the max or min (a mean of per-rank maxima is no maximum)."""
-    gathered: dict[str, list[float]] = {}
-    for metrics in per_rank:
-        for key, value in metrics.items():
-            gathered.setdefault(key, []).append(float(value))
-    reduced = {}
-    for key, values in gathered.items():
-        if key.endswith("/max"):
-            reduced[key] = max(values)
-        elif key.endswith("/min"):
-            reduced[key] = min(values)
-        else:
-            reduced[key] = math.fsum(values) / len(values)
-    return reduced

@@ -13,7 +13,7 @@ from matplotlib.lines import Line2D
 from rich.console import Console
 
 from rlmesh import tracking
-from rlmesh.tracking import ProgressBar, curves_figure, plot_curves, read_metrics, reduce_metrics, timed
+from rlmesh.tracking import ProgressBar, curves_figure, plot_curves, read_metrics, timed
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -142,18 +142,3 @@ def test_timed_adds_seconds_under_timing_s_and_accumulates() -> None:
     with pytest.raises(RuntimeError), timed(metrics, "reward"):  # t=10 to t=12, recorded although it raised
         raise RuntimeError("scorer crashed")
     assert metrics == {"timing_s/gen": 6.0, "timing_s/reward": 2.0}
-
-
-def test_reduce_metrics_means_per_key_with_max_and_min_kept() -> None:
-    per_rank = [
-        {"actor/pg_loss": 1.0, "actor/grad_norm/max": 3.0, "response_length/min": 5.0, "only_on_rank0": 7.0},
-        {"actor/pg_loss": 2.0, "actor/grad_norm/max": 1.0, "response_length/min": 2.0},
-        {"actor/pg_loss": 6.0, "actor/grad_norm/max": 2.0, "response_length/min": 9.0},
-    ]
-    assert reduce_metrics(per_rank) == {
-        "actor/pg_loss": 3.0,
-        "actor/grad_norm/max": 3.0,
-        "response_length/min": 2.0,
-        "only_on_rank0": 7.0,
-    }
-    assert reduce_metrics([]) == {}
