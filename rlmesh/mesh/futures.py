@@ -7,6 +7,7 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import ray
@@ -206,3 +207,73 @@ class _Unset:
 
 
 _UNSET = _Unset()
+
+
+@dataclass
+class Settled:
+    """How a set of calls ended: by index, the values of those that returned and the errors of those that raised,
+    and the indices of those that had not finished when the wait ended."""
+
+    values: dict[int, Any]
+    errors: dict[int, BaseException]
+    unfinished: list[int]
+    waited_s: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.unfinished
+
+    def problems(self, who: Sequence[str]) -> list[str]:
+        """One line per call that died, failed or did not finish, in call order, each naming `who[i]`."""
+        lines = []
+        for i, member in enumerate(who):
+            error = self.errors.get(i)
+            if i in self.unfinished:
+                lines.append(f"{member} did not finish (waited {self.waited_s:.0f}s)")
+            elif isinstance(error, RayActorError):
+                lines.append(f"{member} died ({last_line(error)})")
+            elif error is not None:
+                lines.append(f"{member} failed: {last_line(error)}")
+        return lines
+
+
+def settle(
+    refs: Sequence[ray.ObjectRef],
+    timeout_s: float,
+    *,
+    on_first_failure: Callable[[], Any] | None = None,
+    after_failure_s: float | None = None,
+) -> Settled:
+    """Wait for every ref up to `timeout_s`, and at most `after_failure_s` more once one has failed (calls that
+    wait on the failed one then end by their own timeouts), without raising: the outcome of each is in the result.
+    `on_first_failure` runs once, as soon as one fails (to wake calls that would otherwise wait for it)."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    values: dict[int, Any] = {}
+    errors: dict[int, BaseException] = {}
+    index = {ref: i for i, ref in enumerate(refs)}
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        for ref in ready:
+            try:
+                values[index[ref]] = ray.get(ref)
+                continue
+            except Exception as err:
+                errors[index[ref]] = err
+            if after_failure_s is not None:
+                deadline = min(deadline, time.monotonic() + after_failure_s)
+                after_failure_s = None
+            if on_first_failure is not None:
+                on_first_failure()
+                on_first_failure = None
+    unfinished = sorted(index[ref] for ref in pending)
+    return Settled(values, errors, unfinished, time.monotonic() - started)
+
+
+def last_line(err: BaseException) -> str:
+    """The last non-empty line of an error (Ray's carry the remote traceback before it), at most 400 characters."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[-1][:400] if lines else type(err).__name__

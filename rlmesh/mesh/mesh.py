@@ -18,11 +18,11 @@ import torch
 from ray.exceptions import ActorDiedError as RayActorDiedError
 from ray.exceptions import RayActorError
 
-from rlmesh.mesh import collective
+from rlmesh.mesh import process_groups
 from rlmesh.mesh.context import MeshRank, _enter
 from rlmesh.mesh.dispatch import ShardPlan, concat, split_args, unpad
 from rlmesh.mesh.endpoint import Collect, Dispatch, EndpointSpec, endpoints_of
-from rlmesh.mesh.futures import ActorDiedError, GatheredFuture, MeshFuture, RoutedFuture
+from rlmesh.mesh.futures import ActorDiedError, GatheredFuture, MeshFuture, RoutedFuture, settle
 from rlmesh.mesh.placement import Placement, PlacementError
 from rlmesh.mesh.routing import Load, RouterLike, make_router
 from rlmesh.mesh.shape import Shape, ShapeLike, select, slice_by_name
@@ -54,8 +54,8 @@ def _host_class(cls: type) -> type:
         self._rlmesh_ctor = (args, kwargs)
 
     def _rlmesh_address(self: Any) -> tuple[str, int]:
-        host = collective.bind_host()
-        return host, collective._free_port(host)
+        host = process_groups.bind_host()
+        return host, process_groups.free_port(host)
 
     def _rlmesh_setup(self: Any, master_addr: str | None, master_port: int | None) -> str:
         place = replace(self._rlmesh_place, master_addr=master_addr, master_port=master_port)
@@ -68,13 +68,13 @@ def _host_class(cls: type) -> type:
         return True
 
     def _rlmesh_open_store(self: Any, name: str, world_size: int, timeout_s: float) -> tuple[str, int]:
-        return collective._open_store(name, world_size, timeout_s)
+        return process_groups.open_store(name, world_size, timeout_s)
 
     def _rlmesh_join_group(self: Any, *args: Any) -> None:
-        collective._join(*args)
+        process_groups.join(*args)
 
     def _rlmesh_leave_group(self: Any, name: str) -> bool:
-        return collective._leave(name)
+        return process_groups.leave(name)
 
     members = {
         "__init__": __init__,
@@ -339,17 +339,17 @@ class ActorMesh(Generic[T]):
             raise MeshStartError(f"mesh '{self._name}' could not start: {err}") from err
 
     def _await_setup(self, refs: list[Any], positions: list[int]) -> None:
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self._start_timeout_s)
-        failures = []
-        for ref, pos in zip(refs, positions, strict=True):
-            who = self._describe_position(pos)
-            if ref not in ready:
-                failures.append(f"{who}: not ready within {self._start_timeout_s:.0f}s")
-                continue
-            try:
-                ray.get(ref)
-            except Exception as err:
-                failures.append(f"{who}: {_cause(err)}")
+        settled = settle(refs, self._start_timeout_s)
+        failures = [
+            f"{self._describe_position(pos)}: "
+            + (
+                f"not ready within {self._start_timeout_s:.0f}s"
+                if i in settled.unfinished
+                else _cause(settled.errors[i])
+            )
+            for i, pos in enumerate(positions)
+            if i in settled.unfinished or i in settled.errors
+        ]
         if failures:
             raise MeshStartError(
                 f"mesh '{self._name}': {len(failures)} actor(s) failed to start:\n  " + "\n  ".join(failures)
@@ -370,17 +370,13 @@ class ActorMesh(Generic[T]):
     def _restart_dead(self) -> list[int]:
         root = self._root
         table = root._table
-        pings: list[Any] = [h._rlmesh_ping.remote() for h in table.handles]
-        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=10)
-        dead = []
-        for pos, ref in enumerate(pings):
-            if ref in ready:
-                try:
-                    ray.get(ref)
-                except RayActorError:
-                    dead.append(pos)
-            elif not table.alive[pos]:
-                dead.append(pos)
+        pinged = settle([h._rlmesh_ping.remote() for h in table.handles], 10)
+        # An actor is dead if it says so, or if it was marked dead and does not answer (busy ones may not in time).
+        dead = [
+            pos
+            for pos in range(len(table.handles))
+            if isinstance(pinged.errors.get(pos), RayActorError) or (pos in pinged.unfinished and not table.alive[pos])
+        ]
         if not dead:
             with table.lock:  # an actor marked dead that answers its ping is alive: calls waiting for it may go
                 healed = not table.all_alive

@@ -8,13 +8,15 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 
 from rlmesh.mesh import ActorMesh
+from rlmesh.mesh.collective import join_on, leave_on, open_store_on
+from rlmesh.mesh.futures import settle
 from rlmesh.sync.manifest import TRANSPORTS, SyncPlan
 from rlmesh.sync.transports import WeightSyncError, process_group_backend
 from rlmesh.sync.vllm_worker import join_request
@@ -208,7 +210,7 @@ class CollectiveWeightSync:
         group = _Group(name, links)
         worlds = [1 + sum(self._workers[pos] for pos in link.positions) for link in links]
         stores = [
-            self.trainer.actors[link.sender]._rlmesh_open_store.remote(name, world, self.timeout_s)
+            open_store_on(self.trainer, link.sender, name, world, self.timeout_s)
             for link, world in zip(links, worlds, strict=True)
         ]
         try:
@@ -221,8 +223,7 @@ class CollectiveWeightSync:
         refs: list[Any] = []
         who: list[str] = []
         for link, world, (addr, port) in zip(links, worlds, addresses, strict=True):
-            sender = self.trainer.actors[link.sender]
-            refs.append(sender._rlmesh_join_group.remote(name, backend, addr, port, 0, world, self.timeout_s))
+            refs.append(join_on(self.trainer, link.sender, name, backend, addr, port, 0, world, self.timeout_s))
             who.append(f"{self.trainer.name} rank {link.sender} (sender)")
             first_rank = 1
             for pos in link.positions:
@@ -231,7 +232,7 @@ class CollectiveWeightSync:
                 last_rank = first_rank + self._workers[pos] - 1
                 who.append(f"{self.rollout.name} engine {pos} (ranks {first_rank}..{last_rank})")
                 first_rank = last_rank + 1
-        problems = _settle(refs, who, self.timeout_s + _REPLY_MARGIN_S)
+        problems = settle(refs, self.timeout_s + _REPLY_MARGIN_S).problems(who)
         if problems:
             self._teardown(group)
             raise WeightSyncError(
@@ -249,17 +250,16 @@ class CollectiveWeightSync:
         refs = [*sender.refs, *(r.refs[0] for r in receivers)]
         who = [f"{self.trainer.name} rank {i}" for i in range(len(sender.refs))]
         who += [f"{self.rollout.name} engine {pos}" for pos in group.positions]
-        values: list[Any] = []
         # On the first failure the senders leave at once: closing their connections wakes receivers still waiting
         # for buckets that will never come, instead of leaving them to their timeout.
-        problems = _settle(
+        settled = settle(
             refs,
-            who,
             backstop,
-            values,
             on_first_failure=lambda: self._leave_senders(group),
             after_failure_s=self.timeout_s + _REPLY_MARGIN_S,
         )
+        problems = settled.problems(who)
+        values = [settled.values[i] for i in range(len(refs))] if settled.ok else []
         seconds = time.perf_counter() - started
         if problems:
             self._teardown(group)
@@ -285,7 +285,7 @@ class CollectiveWeightSync:
         }
 
     def _leave_senders(self, group: _Group) -> list[Any]:
-        return [self.trainer.actors[link.sender]._rlmesh_leave_group.remote(group.name) for link in group.links]
+        return [leave_on(self.trainer, link.sender, group.name) for link in group.links]
 
     def _teardown(self, group: _Group) -> None:
         """Every live member leaves the group; a member stuck in a collective leaves when its wait times out."""
@@ -294,55 +294,3 @@ class CollectiveWeightSync:
             with contextlib.suppress(Exception):  # a dead engine has nothing to leave
                 refs.append(self.rollout[pos].leave_weight_group.call_one(group.name).refs[0])
         ray.wait(refs, num_returns=len(refs), timeout=2.0)
-
-
-def _settle(
-    refs: list[Any],
-    who: list[str],
-    timeout_s: float,
-    values: list[Any] | None = None,
-    on_first_failure: Callable[[], Any] | None = None,
-    after_failure_s: float | None = None,
-) -> list[str]:
-    """Wait for all `refs` up to `timeout_s`, and at most `after_failure_s` more once one has failed (the others
-    then fail by their own timeouts); return one line per member that failed or did not finish, in member order,
-    and fill `values` with the results when none failed."""
-    started = time.monotonic()
-    deadline = started + timeout_s
-    outcome: dict[int, str | None] = {}
-    results: dict[int, Any] = {}
-    index = {ref: i for i, ref in enumerate(refs)}
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        for ref in ready:
-            i = index[ref]
-            try:
-                results[i] = ray.get(ref)
-                outcome[i] = None
-            except ray.exceptions.RayActorError as err:
-                outcome[i] = f"{who[i]} died ({_last_line(err)})"
-            except Exception as err:
-                outcome[i] = f"{who[i]} failed: {_last_line(err)}"
-            if outcome[i] is not None and after_failure_s is not None:
-                deadline = min(deadline, time.monotonic() + after_failure_s)
-                after_failure_s = None
-            if outcome[i] is not None and on_first_failure is not None:
-                on_first_failure()
-                on_first_failure = None
-    problems = []
-    for i, member in enumerate(who):
-        if i not in outcome:
-            problems.append(f"{member} did not finish (waited {time.monotonic() - started:.0f}s)")
-        elif outcome[i] is not None:
-            problems.append(str(outcome[i]))
-    if values is not None and not problems:
-        values.extend(results[i] for i in range(len(refs)))
-    return problems
-
-
-def _last_line(err: BaseException) -> str:
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return lines[-1][:400] if lines else type(err).__name__

@@ -61,7 +61,7 @@ class WeightSyncWorker:
         spec = json.loads(request)
         rank = int(spec["first_rank"]) + self.rank
         backend = process_group_backend(spec["transport"])
-        collective._join(
+        collective.join(
             spec["name"],
             backend,
             spec["addr"],
@@ -77,7 +77,7 @@ class WeightSyncWorker:
     def rlmesh_leave_weight_group(self, name: str) -> bool:
         self._rlmesh_plans().pop(name, None)
         try:
-            return collective._leave(name)
+            return collective.leave(name)
         except Exception:  # an NCCL group whose peer died may fail to shut down cleanly; it is gone either way
             return True
 

@@ -79,3 +79,15 @@ def test_pure_packages_import_no_runtime(package: str) -> None:
 def test_the_mesh_imports_no_rl_package_of_ours() -> None:
     ours = {name for name in modules_after_import("rlmesh.mesh") if name.startswith("rlmesh.")}
     assert {name.split(".")[1] for name in ours} <= {"mesh", "wire"}
+
+
+def test_the_mesh_module_does_not_import_the_controller_side_of_collectives():
+    """collective.py forms groups over meshes; mesh.py needs only this process's side (process_groups.py)."""
+    tree = ast.parse((PACKAGE / "mesh" / "mesh.py").read_text())
+    imported = {
+        f"{node.module}.{alias.name}" if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert not any("collective" in name for name in imported), sorted(imported)
