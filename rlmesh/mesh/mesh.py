@@ -4,27 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
-import threading
 import weakref
-from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Generic, ParamSpec, TypeVar
 
 import numpy as np
 import ray
 import torch
-from ray.exceptions import ActorDiedError as RayActorDiedError
 from ray.exceptions import RayActorError
 
 from rlmesh.mesh import process_groups
 from rlmesh.mesh.context import MeshRank, _enter
 from rlmesh.mesh.dispatch import ShardPlan, concat, split_args, unpad
 from rlmesh.mesh.endpoint import Collect, Dispatch, EndpointSpec, endpoints_of
-from rlmesh.mesh.futures import ActorDiedError, GatheredFuture, MeshFuture, RoutedFuture, settle
+from rlmesh.mesh.futures import ActorDiedError, GatheredFuture, MeshFuture, last_line, settle
 from rlmesh.mesh.placement import Placement, PlacementError
-from rlmesh.mesh.routing import Load, RouterLike, make_router
+from rlmesh.mesh.routed import ActorTable, RoutedCalls
+from rlmesh.mesh.routing import RouterLike, make_router
 from rlmesh.mesh.shape import Shape, ShapeLike, select, slice_by_name
 from rlmesh.wire import WireTensor
 
@@ -100,23 +97,6 @@ def _remote_class(cls: type) -> Any:
     return _remote_classes[cls]
 
 
-# ---------------------------------------------------------------- routed (`choose`) calls
-
-
-@dataclass
-class _RoutedCall:
-    method: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    key: Hashable | None
-    retry: bool
-    candidates: Sequence[int]
-    future: RoutedFuture[Any]
-    attempts: int = 0
-    position: int = -1  # the actor running the current attempt
-    generation: int = 0  # of that position when it was issued: a replaced actor's late failures are not the new one's
-
-
 # ---------------------------------------------------------------- endpoints bound to a mesh
 
 
@@ -167,27 +147,6 @@ class Endpoint(Generic[P, R]):
 
 
 # ---------------------------------------------------------------- the mesh
-
-
-class _ActorTable:
-    """State shared by a mesh and all its sub-meshes: handles, liveness and in-flight counts per position."""
-
-    def __init__(self, handles: list[Any]) -> None:
-        self.handles = handles
-        self.alive = [True] * len(handles)
-        self.all_alive = True  # the routing fast path skips liveness filtering while nothing has died
-        self.in_flight = [0] * len(handles)
-        self.generation = [0] * len(handles)  # bumped when the actor at a position is replaced
-        self.lock = threading.Lock()
-        self.methods: dict[str, list[Any]] = {}
-        self.restart_lock = threading.Lock()  # one restart at a time: two would each replace the same dead actor
-        self.faults = {"retried_calls": 0, "restarted_actors": 0}
-
-    def method(self, name: str, pos: int) -> Any:
-        cached = self.methods.get(name)
-        if cached is None:
-            cached = self.methods[name] = [getattr(h, name) for h in self.handles]
-        return cached[pos]
 
 
 class ActorMesh(Generic[T]):
@@ -251,13 +210,16 @@ class ActorMesh(Generic[T]):
             raise RuntimeError("Ray is not initialized; call ray.init(...) (or rlmesh's cluster setup) before a mesh")
         self._root: ActorMesh[T] = self
         self._positions = list(range(self._shape.size))
-        self._router = make_router(router)
-        self._cap = max_in_flight_per_actor
-        self._queue: deque[_RoutedCall] = deque()
-        self._work: queue.SimpleQueue[Callable[[], None] | None] | None = None
         self._on_restart = on_restart
-        self._auto_restart = auto_restart
-        self._restarting = False
+        self._routed = RoutedCalls(
+            self._name,
+            make_router(router),
+            max_in_flight_per_actor,
+            auto_restart,
+            table=lambda: self._table,
+            describe=self._describe_position,
+            restart=self.restart_dead,
+        )
         self._distributed = distributed_env
         self._runtime_env = dict(runtime_env or {})
         self._actor_options = dict(actor_options or {})
@@ -272,7 +234,7 @@ class ActorMesh(Generic[T]):
         self._placement = placement
         self._resources = per_actor
         self._master: tuple[str | None, int | None] = (None, None)
-        self._table = _ActorTable([])
+        self._table = ActorTable([])
         try:
             self._start()
         except BaseException:
@@ -325,7 +287,7 @@ class ActorMesh(Generic[T]):
     def _start(self) -> None:
         places = self._places()
         handles = [self._create(rank, place) for rank, place in enumerate(places)]
-        self._table = _ActorTable(handles)
+        self._table = ActorTable(handles)
         try:
             if self._distributed:
                 self._master = ray.get(handles[0]._rlmesh_address.remote(), timeout=self._start_timeout_s)
@@ -340,13 +302,9 @@ class ActorMesh(Generic[T]):
 
     def _await_setup(self, refs: list[Any], positions: list[int]) -> None:
         settled = settle(refs, self._start_timeout_s)
+        late = f"not ready within {self._start_timeout_s:.0f}s"
         failures = [
-            f"{self._describe_position(pos)}: "
-            + (
-                f"not ready within {self._start_timeout_s:.0f}s"
-                if i in settled.unfinished
-                else _cause(settled.errors[i])
-            )
+            f"{self._describe_position(pos)}: {late if i in settled.unfinished else last_line(settled.errors[i])}"
             for i, pos in enumerate(positions)
             if i in settled.unfinished or i in settled.errors
         ]
@@ -383,7 +341,7 @@ class ActorMesh(Generic[T]):
                 table.alive = [True] * len(table.alive)
                 table.all_alive = True
             if healed:
-                root._post(root._drain)
+                root._routed.wake()
             return []
         places = root._places()
         new = {pos: root._create(pos, places[pos]) for pos in dead}
@@ -403,7 +361,7 @@ class ActorMesh(Generic[T]):
                 table.alive[pos] = True
             table.all_alive = all(table.alive)
             table.faults["restarted_actors"] += len(dead)
-        root._post(root._drain)
+        root._routed.wake()
         log.info("mesh '%s' restarted %s", root._name, [root._describe_position(p) for p in dead])
         return dead
 
@@ -534,149 +492,7 @@ class ActorMesh(Generic[T]):
     def _call_routed(
         self, spec: EndpointSpec, args: tuple[Any, ...], kwargs: dict[str, Any], key: Hashable | None
     ) -> MeshFuture[Any]:
-        root = self._root
-        future: RoutedFuture[Any] = RoutedFuture(lambda fut, err: root._retry(call, err))
-        call = _RoutedCall(spec.name, args, kwargs, key, spec.idempotent, self._positions, future)
-        root._submit(call, from_queue=False)
-        return future
-
-    # ------------------------------------------------------------ routing internals (root mesh only)
-
-    def _pick(self, call: _RoutedCall) -> int | None:
-        table = self._table
-        if table.all_alive:
-            live = call.candidates
-        else:
-            live = [p for p in call.candidates if table.alive[p]]
-            if not live:
-                # With auto_restart the call waits in the queue for the replacement instead of failing: a run with
-                # one engine survives that engine's death.
-                return None if self._auto_restart else -1
-        available = live if self._cap is None else [p for p in live if table.in_flight[p] < self._cap]
-        return self._router.pick(Load(available, live, table.in_flight), call.key)
-
-    def _submit(self, call: _RoutedCall, from_queue: bool) -> bool:
-        """Issue a routed call, or queue it; returns False if it was queued."""
-        table = self._table
-        with table.lock:
-            if self._queue and not from_queue:
-                self._queue.append(call)
-                return False
-            pos = self._pick(call)
-            waits_for_restart = pos is None and not any(table.alive[p] for p in call.candidates)
-            if pos is None:
-                if not from_queue:
-                    self._queue.append(call)
-            elif pos != -1:
-                table.in_flight[pos] += 1
-                method = table.method(call.method, pos)
-                generation = table.generation[pos]
-        if pos is None:
-            if waits_for_restart:  # e.g. the only engine died: make sure a replacement is on its way
-                self._post(self._restart_in_background)
-            return False
-        if pos == -1:
-            call.future.failed(
-                ActorDiedError(f"'{call.method}': every actor of mesh '{self._name}' that could take it is dead")
-            )
-            return True
-        call.position, call.generation = pos, generation
-        ref = method.remote(*call.args, **call.kwargs)
-        call.future.issued(ref)
-        ref.future().add_done_callback(lambda f: self._on_done(pos, generation, f))
-        return True
-
-    def _on_done(self, pos: int, generation: int, done: Any) -> None:
-        """Completion callback (Ray's thread): keep the in-flight count and liveness; waiters handle results.
-        A call of an actor that has since been replaced counts for neither the count nor the liveness."""
-        table = self._table
-        with table.lock:
-            current = table.generation[pos] == generation
-            if current:
-                table.in_flight[pos] -= 1
-            queued = bool(self._queue)
-        if current and isinstance(done.exception(), RayActorDiedError):
-            self._mark_dead(pos, generation)
-        if queued:
-            self._post(self._drain)
-
-    def _mark_dead(self, pos: int, generation: int) -> None:
-        table = self._table
-        with table.lock:
-            if table.generation[pos] != generation:
-                return  # the dead actor was already replaced; its successor is fine
-            was_alive = table.alive[pos]
-            table.alive[pos] = False
-            table.all_alive = False
-        if was_alive and self._auto_restart:
-            self._post(self._restart_in_background)
-
-    def _retry(self, call: _RoutedCall, err: BaseException) -> None:
-        """Called by the waiter of a call whose actor failed: re-issue it elsewhere, or raise why not."""
-        pos = call.position
-        who = self._describe_position(pos)
-        if isinstance(err, RayActorDiedError):
-            self._mark_dead(pos, call.generation)
-        if not call.retry or call.attempts + 1 >= _MAX_CHOOSE_ATTEMPTS:
-            reason = "not idempotent, so not retried" if not call.retry else f"{call.attempts + 1} attempts"
-            raise ActorDiedError(f"'{call.method}' failed: {who} died ({reason}): {_cause(err)}") from err
-        call.attempts += 1
-        with self._table.lock:
-            self._table.faults["retried_calls"] += 1
-        log.warning("'%s' lost %s; retrying on another actor", call.method, who)
-        call.future.new_attempt()
-        self._submit(call, from_queue=False)
-
-    def _drain(self) -> None:
-        while True:
-            with self._table.lock:
-                if not self._queue:
-                    return
-                call = self._queue.popleft()
-            if not self._submit(call, from_queue=True):
-                with self._table.lock:
-                    self._queue.appendleft(call)
-                return
-
-    def _restart_in_background(self) -> None:
-        if self._restarting:
-            return
-        self._restarting = True
-        try:
-            self.restart_dead()
-        except Exception as err:
-            log.exception("mesh '%s': automatic restart failed", self._name)
-            self._fail_stranded(err)
-        finally:
-            self._restarting = False
-
-    def _fail_stranded(self, err: BaseException) -> None:
-        """Fail the queued calls that no live actor can take: they waited for a restart that did not happen."""
-        table = self._table
-        with table.lock:
-            stranded = [call for call in self._queue if not any(table.alive[p] for p in call.candidates)]
-            for call in stranded:
-                self._queue.remove(call)
-        for call in stranded:
-            call.future.failed(
-                ActorDiedError(
-                    f"'{call.method}': every actor of mesh '{self._name}' that could take it is dead, and restarting "
-                    f"them failed: {_cause(err)}"
-                )
-            )
-
-    def _post(self, work: Callable[[], None]) -> None:
-        """Run `work` on the mesh's dispatcher thread: Ray completion callbacks must not submit calls themselves."""
-        root = self._root
-        if root._work is None:
-            with root._table.lock:
-                if root._work is None:
-                    root._work = queue.SimpleQueue()
-                    threading.Thread(
-                        target=_dispatcher, args=(root._work,), name=f"rlmesh-{root._name}", daemon=True
-                    ).start()
-        assert root._work is not None
-        root._work.put(work)
+        return self._root._routed.submit(spec.name, args, kwargs, key, spec.idempotent, self._positions)
 
     # ------------------------------------------------------------ shutdown
 
@@ -686,30 +502,17 @@ class ActorMesh(Generic[T]):
         for h in root._table.handles:
             with contextlib.suppress(Exception):  # already dead
                 ray.kill(h)
-        if root._work is not None:
-            root._work.put(None)
-            root._work = None
         root._placement.remove()
         with root._table.lock:
             root._table.alive = [False] * len(root._table.handles)
             root._table.all_alive = False
-            for call in root._queue:
-                call.future.failed(ActorDiedError(f"mesh '{root._name}' was shut down"))
-            root._queue.clear()
+        root._routed.close(ActorDiedError(f"mesh '{root._name}' was shut down"))
 
     def __enter__(self) -> ActorMesh[T]:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-def _dispatcher(work: queue.SimpleQueue[Callable[[], None] | None]) -> None:
-    while (job := work.get()) is not None:
-        try:
-            job()
-        except Exception:
-            log.exception("rlmesh dispatcher job failed")
 
 
 def _check_fits(placement: Placement, per_actor: Mapping[str, float], n: int) -> None:
@@ -744,9 +547,3 @@ def _put_if_large(x: Any) -> Any:
     if _nbytes(x) <= _PUT_ONCE_BYTES:
         return x
     return ray.put(WireTensor(x) if isinstance(x, torch.Tensor) else x)
-
-
-def _cause(err: BaseException) -> str:
-    text = str(err).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return lines[-1][:500] if lines else type(err).__name__

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
 import logging
@@ -18,6 +17,7 @@ from rlmesh.mesh import endpoint
 from rlmesh.roles.rollout import kv_cache as kv_sizing
 from rlmesh.roles.rollout.base import Sample
 from rlmesh.roles.rollout.kv_cache import GIB, HostMemory, KVCacheNeed, kv_cache_need
+from rlmesh.sync.engine_link import EngineLink
 from rlmesh.sync.manifest import dtype_name
 
 Report = Callable[[str, object, str, str], None]  # bad(key, value, why, fix), as config checks report
@@ -150,7 +150,16 @@ class VLLMRollout:
         self._weight_version = 0
         self._broken: str | None = None
         self._asleep: set[str] = set()  # what sleep freed and wake_up has not yet brought back
-        self._local_group: tuple[str, int] | None = None  # (name, plan fingerprint) for load_weights
+        self._engine_link = EngineLink(
+            worker_count=self._worker_count,
+            join_workers=self.join_weight_group,
+            receive=self.receive_weights,
+            leave_workers=self.leave_weight_group,
+            bucket_mb=float(config.sync_bucket_mb),
+            timeout_s=float(config.sync_timeout_s),
+            tie_word_embeddings=self._tie_word_embeddings,
+            wire_dtype=self._dtype,
+        )
         log.info("vLLM engine for %s ready in %.1fs", model.path, time.perf_counter() - started)
 
     # ------------------------------------------------------------ generation
@@ -309,48 +318,11 @@ class VLLMRollout:
     @endpoint
     async def load_weights(self, weights: Mapping[str, Any], version: int) -> None:
         """The object-store transport (ObjectStoreWeightSync): full Hugging Face-named weights arrive in this actor,
-        read from Ray's object store, and go on to the engine's workers over a gloo group local to this actor,
-        through the same bucketed path and in-place load as a collective sync (tensors cannot travel by rpc)."""
-        from rlmesh.mesh import collective
-        from rlmesh.sync.collective_sync import sync_backstop_s
-        from rlmesh.sync.manifest import SyncPlan, tensor_specs
-        from rlmesh.sync.sender import send_weights
+        read from Ray's object store, and go on to the engine's workers (rlmesh.sync.engine_link)."""
+        await self._engine_link.load(weights, version)
 
-        plan = SyncPlan.build(
-            tensor_specs(weights.items()),
-            bucket_bytes=int(float(self._config.sync_bucket_mb) * (1 << 20)),
-            transport="gloo",
-            tie_word_embeddings=self._tie_word_embeddings,
-            wire_dtype=self._dtype,
-        )
-        name = await self._local_weight_group(plan)
-        timeout_s = float(self._config.sync_timeout_s)
-        backstop = sync_backstop_s(timeout_s, plan.total_bytes)
-        send = asyncio.to_thread(send_weights, weights.items(), plan, collective.get_group(name), version=version)
-        await asyncio.gather(send, self.receive_weights(name, backstop))
-
-    async def _local_weight_group(self, plan: Any) -> str:
-        """A gloo group of this actor (rank 0) and the engine's workers, formed for `plan` and kept while the
-        weights keep that layout."""
-        from rlmesh.mesh import collective
-        from rlmesh.sync.vllm_worker import join_request
-
-        if self._local_group is not None and self._local_group[1] == plan.fingerprint:
-            return self._local_group[0]
-        if self._local_group is not None:
-            await self.leave_weight_group(self._local_group[0])
-            collective._leave(self._local_group[0])
-        name = f"rlmesh-local-{uuid.uuid4().hex[:8]}"
-        workers = len(await self._engine.collective_rpc("rlmesh_device_info"))
-        timeout_s = float(self._config.sync_timeout_s)
-        addr, port = collective._open_store(name, 1 + workers, timeout_s)
-        request = join_request(name, "gloo", addr, port, 1, 1 + workers, timeout_s, plan.to_json())
-        await asyncio.gather(
-            asyncio.to_thread(collective._join, name, "gloo", addr, port, 0, 1 + workers, timeout_s),
-            self.join_weight_group(request),
-        )
-        self._local_group = (name, plan.fingerprint)
-        return name
+    async def _worker_count(self) -> int:
+        return len(await self._engine.collective_rpc("rlmesh_device_info"))
 
     @endpoint
     async def reset_prefix_cache(self) -> bool:

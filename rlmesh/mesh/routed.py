@@ -1,0 +1,251 @@
+"""Routed (`choose`) calls of one mesh: picking an actor, the in-flight cap's queue, retries on a live actor, waiting
+for an automatic restart, and the dispatcher thread that does the work Ray's completion callbacks must not do."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ray.exceptions import ActorDiedError as RayActorDiedError
+
+from rlmesh.mesh.futures import ActorDiedError, RoutedFuture, last_line
+from rlmesh.mesh.routing import Load, Router
+
+log = logging.getLogger(__name__)
+
+_MAX_CHOOSE_ATTEMPTS = 3
+
+
+class ActorTable:
+    """State shared by a mesh and all its sub-meshes: handles, liveness and in-flight counts per position."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = handles
+        self.alive = [True] * len(handles)
+        self.all_alive = True  # the routing fast path skips liveness filtering while nothing has died
+        self.in_flight = [0] * len(handles)
+        self.generation = [0] * len(handles)  # bumped when the actor at a position is replaced
+        self.lock = threading.Lock()
+        self.methods: dict[str, list[Any]] = {}
+        self.restart_lock = threading.Lock()  # one restart at a time: two would each replace the same dead actor
+        self.faults = {"retried_calls": 0, "restarted_actors": 0}
+
+    def method(self, name: str, pos: int) -> Any:
+        cached = self.methods.get(name)
+        if cached is None:
+            cached = self.methods[name] = [getattr(h, name) for h in self.handles]
+        return cached[pos]
+
+
+@dataclass
+class RoutedCall:
+    method: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    key: Hashable | None
+    retry: bool
+    candidates: Sequence[int]
+    future: RoutedFuture[Any]
+    attempts: int = 0
+    position: int = -1  # the actor running the current attempt
+    generation: int = 0  # of that position when it was issued: a replaced actor's late failures are not the new one's
+
+
+class RoutedCalls:
+    """The routed calls of one root mesh. `table` gives the mesh's current actor table (a restart replaces
+    handles in it), `describe` names a position, `restart` replaces dead actors (ActorMesh.restart_dead)."""
+
+    def __init__(
+        self,
+        name: str,
+        router: Router,
+        cap: int | None,
+        auto_restart: bool,
+        *,
+        table: Callable[[], ActorTable],
+        describe: Callable[[int], str],
+        restart: Callable[[], list[int]],
+    ) -> None:
+        self._name, self._router, self._cap, self._auto_restart = name, router, cap, auto_restart
+        self._table, self._describe, self._restart = table, describe, restart
+        self._queue: deque[RoutedCall] = deque()
+        self._work: queue.SimpleQueue[Callable[[], None] | None] | None = None
+        self._restarting = False
+
+    def submit(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        key: Hashable | None,
+        retry: bool,
+        candidates: Sequence[int],
+    ) -> RoutedFuture[Any]:
+        """Issue a call on one of `candidates` (positions), or queue it until one can take it."""
+        future: RoutedFuture[Any] = RoutedFuture(lambda fut, err: self._retry(call, err))
+        call = RoutedCall(method, args, kwargs, key, retry, candidates, future)
+        self._submit(call, from_queue=False)
+        return future
+
+    def wake(self) -> None:
+        """Actors came back (restarted, or found alive): queued calls may go now."""
+        self._post(self._drain)
+
+    def close(self, error: BaseException) -> None:
+        """Fail every queued call with `error` and stop the dispatcher thread."""
+        if self._work is not None:
+            self._work.put(None)
+            self._work = None
+        with self._table().lock:
+            queued = list(self._queue)
+            self._queue.clear()
+        for call in queued:
+            call.future.failed(error)
+
+    def _pick(self, call: RoutedCall) -> int | None:
+        table = self._table()
+        if table.all_alive:
+            live = call.candidates
+        else:
+            live = [p for p in call.candidates if table.alive[p]]
+            if not live:
+                # With auto_restart the call waits in the queue for the replacement instead of failing: a run with
+                # one engine survives that engine's death.
+                return None if self._auto_restart else -1
+        available = live if self._cap is None else [p for p in live if table.in_flight[p] < self._cap]
+        return self._router.pick(Load(available, live, table.in_flight), call.key)
+
+    def _submit(self, call: RoutedCall, from_queue: bool) -> bool:
+        """Issue a routed call, or queue it; returns False if it was queued."""
+        table = self._table()
+        with table.lock:
+            if self._queue and not from_queue:
+                self._queue.append(call)
+                return False
+            pos = self._pick(call)
+            waits_for_restart = pos is None and not any(table.alive[p] for p in call.candidates)
+            if pos is None:
+                if not from_queue:
+                    self._queue.append(call)
+            elif pos != -1:
+                table.in_flight[pos] += 1
+                method = table.method(call.method, pos)
+                generation = table.generation[pos]
+        if pos is None:
+            if waits_for_restart:  # e.g. the only engine died: make sure a replacement is on its way
+                self._post(self._restart_in_background)
+            return False
+        if pos == -1:
+            call.future.failed(
+                ActorDiedError(f"'{call.method}': every actor of mesh '{self._name}' that could take it is dead")
+            )
+            return True
+        call.position, call.generation = pos, generation
+        ref = method.remote(*call.args, **call.kwargs)
+        call.future.issued(ref)
+        ref.future().add_done_callback(lambda f: self._on_done(pos, generation, f))
+        return True
+
+    def _on_done(self, pos: int, generation: int, done: Any) -> None:
+        """Completion callback (Ray's thread): keep the in-flight count and liveness; waiters handle results.
+        A call of an actor that has since been replaced counts for neither the count nor the liveness."""
+        table = self._table()
+        with table.lock:
+            current = table.generation[pos] == generation
+            if current:
+                table.in_flight[pos] -= 1
+            queued = bool(self._queue)
+        if current and isinstance(done.exception(), RayActorDiedError):
+            self._mark_dead(pos, generation)
+        if queued:
+            self._post(self._drain)
+
+    def _mark_dead(self, pos: int, generation: int) -> None:
+        table = self._table()
+        with table.lock:
+            if table.generation[pos] != generation:
+                return  # the dead actor was already replaced; its successor is fine
+            was_alive = table.alive[pos]
+            table.alive[pos] = False
+            table.all_alive = False
+        if was_alive and self._auto_restart:
+            self._post(self._restart_in_background)
+
+    def _retry(self, call: RoutedCall, err: BaseException) -> None:
+        """Called by the waiter of a call whose actor failed: re-issue it elsewhere, or raise why not."""
+        pos = call.position
+        who = self._describe(pos)
+        if isinstance(err, RayActorDiedError):
+            self._mark_dead(pos, call.generation)
+        if not call.retry or call.attempts + 1 >= _MAX_CHOOSE_ATTEMPTS:
+            reason = "not idempotent, so not retried" if not call.retry else f"{call.attempts + 1} attempts"
+            raise ActorDiedError(f"'{call.method}' failed: {who} died ({reason}): {last_line(err)}") from err
+        call.attempts += 1
+        with self._table().lock:
+            self._table().faults["retried_calls"] += 1
+        log.warning("'%s' lost %s; retrying on another actor", call.method, who)
+        call.future.new_attempt()
+        self._submit(call, from_queue=False)
+
+    def _drain(self) -> None:  # on the dispatcher thread
+        while True:
+            with self._table().lock:
+                if not self._queue:
+                    return
+                call = self._queue.popleft()
+            if not self._submit(call, from_queue=True):
+                with self._table().lock:
+                    self._queue.appendleft(call)
+                return
+
+    def _restart_in_background(self) -> None:
+        if self._restarting:
+            return
+        self._restarting = True
+        try:
+            self._restart()
+        except Exception as err:
+            log.exception("mesh '%s': automatic restart failed", self._name)
+            self._fail_stranded(err)
+        finally:
+            self._restarting = False
+
+    def _fail_stranded(self, err: BaseException) -> None:
+        """Fail the queued calls that no live actor can take: they waited for a restart that did not happen."""
+        table = self._table()
+        with table.lock:
+            stranded = [call for call in self._queue if not any(table.alive[p] for p in call.candidates)]
+            for call in stranded:
+                self._queue.remove(call)
+        for call in stranded:
+            call.future.failed(
+                ActorDiedError(
+                    f"'{call.method}': every actor of mesh '{self._name}' that could take it is dead, and restarting "
+                    f"them failed: {last_line(err)}"
+                )
+            )
+
+    def _post(self, work: Callable[[], None]) -> None:
+        """Run `work` on the mesh's dispatcher thread: Ray completion callbacks must not submit calls themselves."""
+        if self._work is None:
+            with self._table().lock:
+                if self._work is None:
+                    self._work = queue.SimpleQueue()
+                    threading.Thread(
+                        target=_dispatcher, args=(self._work,), name=f"rlmesh-{self._name}", daemon=True
+                    ).start()
+        assert self._work is not None
+        self._work.put(work)
+
+
+def _dispatcher(work: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+    while (job := work.get()) is not None:
+        try:
+            job()
+        except Exception:
+            log.exception("rlmesh dispatcher job failed")
