@@ -183,9 +183,9 @@ class RuleReward:
         result = self.scorer.score(items)
         return _scored_batch(batch, result.scores, result.failures, result.extras, self.overlong)
 
-    @endpoint
     def close(self) -> None:
-        """Stops the scoring processes now (they also stop when the actor exits; a later score() restarts them)."""
+        """Stop the scoring processes now, not at garbage collection (a later score() restarts them). Not an
+        endpoint: the mesh's shutdown kills the actor, and its workers exit with it."""
         self.scorer.close()
 
     def __del__(self) -> None:
