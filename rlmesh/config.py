@@ -210,8 +210,9 @@ class AlgorithmConfig:
     gamma: float = 1.0
     lam: float = 1.0
     norm_adv_by_std_in_grpo: bool = True  # false = Dr.GRPO
-    # false: the rollout's own log-probs serve as the behaviour policy's (no extra forward pass). Exact when the
-    # engine computes like the trainer (fp32 HF here: max difference 7e-7); with bf16 engines keep recomputing.
+    # false: the rollout's own log-probs serve as the behaviour policy's (no extra forward pass). Safe when the
+    # engine computes like the trainer (fp32 vLLM on CPU: probabilities within 1.4e-6, training/rollout_probs_diff_max
+    # with true); with bf16 engines keep recomputing.
     recompute_old_logprobs: bool = True
     use_kl_in_reward: bool = False
     kl_penalty: str = "kl"  # k1/kl | k2/mse | k3/low_var_kl | abs

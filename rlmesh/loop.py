@@ -24,7 +24,13 @@ from rlmesh.checkpoint import (
 from rlmesh.config import RlmeshConfig, SamplingConfig
 from rlmesh.data import Batch, PromptLoader, PromptRow
 from rlmesh.mesh import ActorDiedError, wait_all
-from rlmesh.metrics import data_metrics, reward_metrics, throughput_metrics, validation_metrics
+from rlmesh.metrics import (
+    data_metrics,
+    reward_metrics,
+    rollout_probs_diff_metrics,
+    throughput_metrics,
+    validation_metrics,
+)
 from rlmesh.recovery import RoleCall, RunFailed, RunInterrupted, SkippedUpdates, StopRequest
 from rlmesh.roles.contracts import PolicyMesh, ReferenceMesh, RolloutMesh, ScorerMesh, SleepingRolloutMesh, ValueMesh
 from rlmesh.roles.rollout.base import Sample, sampling_seed
@@ -107,7 +113,11 @@ class RLLoop:
         for name, call in pending.items():
             if call is not None:
                 batch = merge(batch, self.wait_timed(call, name, issued, metrics))
-        if not cfg.algorithm.recompute_old_logprobs:
+        if cfg.algorithm.recompute_old_logprobs:  # how well the engine agrees with the trainer on the same weights
+            metrics |= rollout_probs_diff_metrics(
+                batch["old_logprobs"], batch["rollout_logprobs"], batch["response_mask"]
+            )
+        else:
             batch["old_logprobs"] = batch["rollout_logprobs"]
         # 3. advantages, on the controller
         with timed(metrics, "adv"):

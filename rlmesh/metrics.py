@@ -22,6 +22,22 @@ def _stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
     }
 
 
+def rollout_probs_diff_metrics(
+    old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
+    """How far the engine's token probabilities are from the trainer's on the same weights (verl's
+    training/rollout_probs_diff_{max,mean,std}), over response tokens: |exp(old) - exp(rollout)|."""
+    keep = mask.bool()
+    diff = (old_logprobs.float().exp() - rollout_logprobs.float().exp()).abs()[keep]
+    if diff.numel() == 0:
+        return {}
+    return {
+        "training/rollout_probs_diff_max": diff.max().item(),
+        "training/rollout_probs_diff_mean": diff.mean().item(),
+        "training/rollout_probs_diff_std": diff.std(unbiased=False).item(),
+    }
+
+
 def data_metrics(batch: Batch, *, max_response_length: int, max_prompt_length: int) -> dict[str, float]:
     """critic/score, critic/rewards, critic/advantages, critic/returns, critic/values, response_length and
     prompt_length statistics, as verl's compute_data_metrics names them."""
