@@ -17,6 +17,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+Report = Callable[[str, object, str, str], None]  # bad(key, value, why, fix): how a config check reports a problem
+
 
 @dataclass
 class ModelConfig:
@@ -300,7 +302,7 @@ def unknown_keys(config: Mapping[str, Any], schema: type = RlmeshConfig, prefix:
     return problems
 
 
-def check_model_path(bad: Callable[[str, object, str, str], None], key: str, path: str) -> None:
+def check_model_path(bad: Report, key: str, path: str) -> None:
     """A model folder must hold config.json and safetensors weights; a hub name must be cached or downloadable."""
     if not path:
         bad(key, path, "no model given", f"set {key} to a Hugging Face model folder or hub name")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import logging
 import math
 from pathlib import Path
 
 from rlmesh.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, estimator_needs
 from rlmesh.config import RlmeshConfig, check_model_path, looks_like_hub_name
 from rlmesh.plan import Report, RunPlan, plan_roles
-
-log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -100,6 +97,13 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
         "roles.reward.num_actors": roles.reward.num_actors,
         "roles.rollout.sampling.max_tokens": rollout.sampling.max_tokens,
     }
+    if use_critic:
+        positive |= {
+            "roles.critic.dp_size": critic.dp_size,
+            "roles.critic.ppo_mini_batch_size": critic.ppo_mini_batch_size,
+            "roles.critic.ppo_micro_batch_size_per_device": critic.ppo_micro_batch_size_per_device,
+            "roles.critic.ppo_epochs": critic.ppo_epochs,
+        }
     for key, value in positive.items():
         if value < 1:
             bad(key, value, "must be at least 1", "use a positive number")
@@ -198,7 +202,9 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
                     "this role runs on cuda but asks Ray for no GPU, so it would see none",
                     f"add one, e.g. +{key}.GPU=1 (or a fraction to share a GPU)",
                 )
-    for spec in specs:  # what only the class knows: vLLM's install and KV cache memory, a reward model's path
+    # What only the class knows (vLLM's install and KV cache memory, a reward model's path), once the values it
+    # reads are known to be valid: a derived complaint about an invalid config would only confuse.
+    for spec in specs if not problems else ():
         preflight = getattr(spec.cls, "preflight", None)
         if callable(preflight):
             preflight(bad, cfg, device)
@@ -219,7 +225,7 @@ RESOURCE_KEYS = {
 def _check_role_settings(bad: Report, cfg: RlmeshConfig, use_critic: bool) -> None:
     """Optimizers, schedules, precision, sampling, scoring and logging: each value a role or the tracker would reject
     after the meshes have started is rejected here, with its key."""
-    from rlmesh.engine.devices import DTYPES as _DTYPES
+    from rlmesh.engine.devices import DTYPES
     from rlmesh.engine.train_engine import LR_SCHEDULERS, STRATEGIES
     from rlmesh.roles.rollout.hf import check_sampling
     from rlmesh.tracking import BACKENDS
@@ -241,8 +247,8 @@ def _check_role_settings(bad: Report, cfg: RlmeshConfig, use_critic: bool) -> No
         if learner.strategy not in STRATEGIES:
             bad(f"{prefix}.strategy", learner.strategy, "unknown data-parallel strategy", f"use one of {STRATEGIES}")
         dtype = learner.model.dtype
-        if dtype != "auto" and dtype not in _DTYPES:
-            bad(f"{prefix}.model.dtype", dtype, "unknown dtype", f"use auto or one of {sorted(_DTYPES)}")
+        if dtype != "auto" and dtype not in DTYPES:
+            bad(f"{prefix}.model.dtype", dtype, "unknown dtype", f"use auto or one of {sorted(DTYPES)}")
         elif dtype == "float16":
             bad(
                 f"{prefix}.model.dtype",
@@ -250,6 +256,12 @@ def _check_role_settings(bad: Report, cfg: RlmeshConfig, use_critic: bool) -> No
                 "float16 training needs loss scaling, which rlmesh does not do",
                 "use bfloat16 (or auto)",
             )
+    for key, dtype in (
+        ("roles.rollout.dtype", roles.rollout.dtype),
+        ("roles.reward.model.dtype", roles.reward.model.dtype),
+    ):
+        if dtype != "auto" and dtype not in DTYPES:
+            bad(key, dtype, "unknown dtype", f"use auto or one of {sorted(DTYPES)}")
     for key, sampling in (
         ("roles.rollout.sampling", roles.rollout.sampling),
         ("roles.rollout.val_sampling", roles.rollout.val_sampling),

@@ -7,13 +7,12 @@ checked against their role's contract (rlmesh.roles.contracts) here, before any 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hydra.utils import get_class
 
-from rlmesh.config import RlmeshConfig
+from rlmesh.config import Report, RlmeshConfig
 from rlmesh.roles.contracts import (
     COLLECTIVE_TRANSPORTS,
     Capabilities,
@@ -29,8 +28,10 @@ from rlmesh.roles.contracts import (
     contract_problems,
 )
 
-Report = Callable[[str, object, str, str], None]  # bad(key, value, why, fix)
 TRANSPORTS = ("auto", "object_store", *COLLECTIVE_TRANSPORTS)
+LEARNERS = ("trainer", "critic")  # roles that train, with a learning-rate schedule over the run
+# Roles whose class needs no GPU unless it says so (needs_gpu = True): rule scorers run on CPU.
+CPU_BY_DEFAULT = ("reward",)
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,12 @@ class RoleSpec:
     colocate_with: str | None = None  # shares that role's placement, bundle i holding both roles' rank i
     bundle: dict[str, float] | None = None  # what one placement bundle holds, when it is more than `resources`
     outside_actors: dict[str, float] = field(default_factory=dict)  # taken by its own processes (vLLM's tp workers)
-    optimizer_steps_per_step: int = 0  # > 0: a learner; it gets total_training_steps = total steps × this
+    learner: bool = False  # trains: gets total_training_steps = total steps × optimizer_steps_per_step
+    optimizer_steps_per_step: int = 0
 
     @property
     def size(self) -> int:
         return math.prod(self.shape.values())
-
-    @property
-    def key(self) -> str:
-        return f"roles.{self.name}"
 
     def reserved(self) -> dict[str, float]:
         """What this role takes from the cluster: its placement bundles (none when it lives in another role's) plus
@@ -170,9 +168,20 @@ def plan_roles(
             )
         )
     classes = {name: resolve_role_class(bad, f"roles.{name}", target) for name, target, *_ in rows}
-    caps = {name: capabilities_of(cls) for name, cls in classes.items() if cls is not None}
+    caps = {
+        name: capabilities_of(cls, needs_gpu=name not in CPU_BY_DEFAULT)
+        for name, cls in classes.items()
+        if cls is not None
+    }
     transport = resolve_weight_transport(bad, cfg, device, caps.get("trainer"), caps.get("rollout"))
     contracts = role_contracts(transport, rollout.enable_sleep_mode)
+    if rollout.enable_sleep_mode and "rollout" in caps and not caps["rollout"].supports_sleep:
+        bad(
+            "roles.rollout.enable_sleep_mode",
+            True,
+            f"the rollout class {rollout._target_} does not declare supports_sleep",
+            "set it to false, or use a rollout that can sleep (rlmesh.roles.rollout.vllm.VLLMRollout)",
+        )
     colocated = rollout.colocate_with_trainer
     specs = []
     for name, _, shape, resources, kwargs, options, optimizer_steps in rows:
@@ -181,13 +190,14 @@ def plan_roles(
             continue
         if caps[name].takes_device:
             kwargs = {**kwargs, "device": device}
-        constructed = {**kwargs, "total_training_steps": 0} if optimizer_steps else kwargs
+        constructed = {**kwargs, "total_training_steps": 0} if name in LEARNERS else kwargs
         problems: dict[str, type] = {}  # a narrower contract repeats its base's problems: each is reported once
         for contract in contracts[name]:
             problems |= {p: contract for p in contract_problems(cls, contract, constructed) if p not in problems}
         key = f"roles.{name}._target_"
         for problem, contract in problems.items():
-            bad(key, f"{cls.__module__}.{cls.__qualname__}", problem, _contract_fix(contract))
+            fix = _constructor_fix(name, kwargs) if "cannot be constructed" in problem else _contract_fix(contract)
+            bad(key, f"{cls.__module__}.{cls.__qualname__}", problem, fix)
         spec = RoleSpec(name, cls, contracts[name], caps[name], shape, resources, kwargs, options)
         specs.append(_with_run_settings(spec, optimizer_steps, rollout.tensor_parallel_size, colocated))
     if colocated and {"trainer", "rollout"} <= {s.name for s in specs}:
@@ -221,13 +231,12 @@ def resolve_weight_transport(
         return asked
     both = [t for t in rollout.weight_transports if t in trainer.weight_transports]
     transport = asked
-    if asked == "auto":
-        if not any(t in COLLECTIVE_TRANSPORTS for t in both):
-            transport = "object_store"
-        elif device == "cuda":
-            transport = "cuda_ipc" if cfg.roles.rollout.colocate_with_trainer else "nccl"
+    if asked == "auto":  # the first of the device's preferences that both classes can do
+        if device == "cuda":
+            preferred = ["cuda_ipc"] if cfg.roles.rollout.colocate_with_trainer else ["nccl"]
         else:
-            transport = "gloo"
+            preferred = ["gloo"]
+        transport = next((t for t in preferred if t in both), "object_store")
     for role, caps in (("rollout", rollout), ("trainer", trainer)):
         if transport not in caps.weight_transports:
             target = cfg.roles.rollout._target_ if role == "rollout" else cfg.roles.trainer._target_
@@ -241,7 +250,7 @@ def resolve_weight_transport(
 
 
 def _with_run_settings(spec: RoleSpec, optimizer_steps: int, tensor_parallel: int, colocated: bool) -> RoleSpec:
-    updates: dict[str, Any] = {"optimizer_steps_per_step": optimizer_steps}
+    updates: dict[str, Any] = {"learner": spec.name in LEARNERS, "optimizer_steps_per_step": optimizer_steps}
     if spec.name == "rollout" and tensor_parallel > 1:  # vLLM's ray executor reserves the engine's GPUs itself
         updates["outside_actors"] = {"GPU": float(tensor_parallel * spec.size)}
     if colocated and spec.name == "rollout":
@@ -281,6 +290,11 @@ def colocated_resources(
             if "GPU" in request:
                 request["GPU"] /= gpus
     return bundle, trainer_request, engine_request
+
+
+def _constructor_fix(role: str, kwargs: dict[str, Any]) -> str:
+    names = ", ".join([*kwargs, *(["total_training_steps"] if role in LEARNERS else [])])
+    return f"give the class an __init__ that takes the {role}'s arguments ({names}), or point _target_ at one that does"
 
 
 def _contract_fix(contract: type) -> str:

@@ -224,7 +224,7 @@ def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, release: con
 
     def start(spec: RoleSpec) -> ActorMesh[Any]:
         kwargs = dict(spec.kwargs)
-        if spec.optimizer_steps_per_step:  # the learning-rate schedule spans the whole run
+        if spec.learner:  # the learning-rate schedule spans the whole run
             kwargs["total_training_steps"] = total_steps * spec.optimizer_steps_per_step
         options = dict(spec.mesh_options)
         if spec.mesh_options.get("auto_restart"):

@@ -499,14 +499,14 @@ class ActorMesh(Generic[T]):
     def shutdown(self) -> None:
         """Kill every actor of the mesh and release its placement group."""
         root = self._root
+        root._routed.close(ActorDiedError(f"mesh '{root._name}' was shut down"))  # first: deaths below restart nothing
+        with root._table.lock:
+            root._table.alive = [False] * len(root._table.handles)
+            root._table.all_alive = False
         for h in root._table.handles:
             with contextlib.suppress(Exception):  # already dead
                 ray.kill(h)
         root._placement.remove()
-        with root._table.lock:
-            root._table.alive = [False] * len(root._table.handles)
-            root._table.all_alive = False
-        root._routed.close(ActorDiedError(f"mesh '{root._name}' was shut down"))
 
     def __enter__(self) -> ActorMesh[T]:
         return self

@@ -76,6 +76,7 @@ class RoutedCalls:
         self._queue: deque[RoutedCall] = deque()
         self._work: queue.SimpleQueue[Callable[[], None] | None] | None = None
         self._restarting = False
+        self._closed: BaseException | None = None  # set by close(): no more calls, restarts or dispatcher work
 
     def submit(
         self,
@@ -89,7 +90,10 @@ class RoutedCalls:
         """Issue a call on one of `candidates` (positions), or queue it until one can take it."""
         future: RoutedFuture[Any] = RoutedFuture(lambda fut, err: self._retry(call, err))
         call = RoutedCall(method, args, kwargs, key, retry, candidates, future)
-        self._submit(call, from_queue=False)
+        if self._closed is not None:
+            future.failed(self._closed)
+        else:
+            self._submit(call, from_queue=False)
         return future
 
     def wake(self) -> None:
@@ -97,13 +101,15 @@ class RoutedCalls:
         self._post(self._drain)
 
     def close(self, error: BaseException) -> None:
-        """Fail every queued call with `error` and stop the dispatcher thread."""
-        if self._work is not None:
-            self._work.put(None)
-            self._work = None
+        """Fail every queued call (and any later one) with `error` and stop the dispatcher thread. Called before the
+        actors are killed, so the calls their deaths fail start no restart."""
         with self._table().lock:
+            self._closed = error
+            work, self._work = self._work, None
             queued = list(self._queue)
             self._queue.clear()
+        if work is not None:
+            work.put(None)
         for call in queued:
             call.future.failed(error)
 
@@ -204,7 +210,7 @@ class RoutedCalls:
                 return
 
     def _restart_in_background(self) -> None:
-        if self._restarting:
+        if self._restarting or self._closed is not None:
             return
         self._restarting = True
         try:
@@ -232,15 +238,16 @@ class RoutedCalls:
 
     def _post(self, work: Callable[[], None]) -> None:
         """Run `work` on the mesh's dispatcher thread: Ray completion callbacks must not submit calls themselves."""
-        if self._work is None:
-            with self._table().lock:
-                if self._work is None:
-                    self._work = queue.SimpleQueue()
-                    threading.Thread(
-                        target=_dispatcher, args=(self._work,), name=f"rlmesh-{self._name}", daemon=True
-                    ).start()
-        assert self._work is not None
-        self._work.put(work)
+        with self._table().lock:
+            if self._closed is not None:
+                return  # the mesh was shut down: nothing is left to drain or restart
+            if self._work is None:
+                self._work = queue.SimpleQueue()
+                threading.Thread(
+                    target=_dispatcher, args=(self._work,), name=f"rlmesh-{self._name}", daemon=True
+                ).start()
+            pending = self._work
+        pending.put(work)
 
 
 def _dispatcher(work: queue.SimpleQueue[Callable[[], None] | None]) -> None:

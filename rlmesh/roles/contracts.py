@@ -30,16 +30,17 @@ class Capabilities:
     # Ray's object store (load_weights / export_weights); gloo, nccl and cuda_ipc = bucketed collective syncs.
     weight_transports: tuple[str, ...] = ("object_store",)
     supports_sleep: bool = False  # frees its GPU memory between generations (sleep / wake_up endpoints)
-    needs_gpu: bool = True  # on a cuda run it must be given a GPU (a rule scorer needs none)
+    needs_gpu: bool | None = None  # on a cuda run it must be given a GPU; None: the role's default (scorers: no)
     takes_device: bool | None = None  # gets the run's device as `device=`; None: when __init__ has that parameter
 
 
-def capabilities_of(cls: type) -> Capabilities:
+def capabilities_of(cls: type, *, needs_gpu: bool = True) -> Capabilities:
+    """The class's declared capabilities, the undeclared ones from their defaults: `needs_gpu` is the role's
+    default, `takes_device` whether __init__ has a `device` parameter."""
     declared = {f.name: getattr(cls, f.name) for f in fields(Capabilities) if hasattr(cls, f.name)}
-    caps = Capabilities(**declared)
-    if caps.takes_device is None:
-        caps = Capabilities(**{**declared, "takes_device": "device" in _parameters(cls)})
-    return caps
+    declared.setdefault("needs_gpu", needs_gpu)
+    declared.setdefault("takes_device", "device" in _parameters(cls))
+    return Capabilities(**declared)
 
 
 # ---------------------------------------------------------------- the contracts
@@ -58,9 +59,6 @@ class Rollout(Protocol):
 
     @endpoint
     async def load_weights(self, weights: Mapping[str, Any], version: int) -> None: ...
-
-    @endpoint
-    def weight_version(self) -> int: ...
 
 
 class CollectiveRollout(Rollout, Protocol):

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from rlmesh.config import OverlongBufferConfig, RewardConfig, RlmeshConfig, check_model_path
+from rlmesh.config import OverlongBufferConfig, Report, RewardConfig, RlmeshConfig, check_model_path
 from rlmesh.data.batch import Batch
 from rlmesh.engine.devices import resolve_device, resolve_dtype
 from rlmesh.mesh import endpoint
@@ -201,8 +201,10 @@ class ModelReward:
     is decoded with the policy tokenizer and re-encoded with the reward model's (no chat template is re-applied).
     """
 
+    needs_gpu = True  # the reward model runs on the run's device
+
     @staticmethod
-    def preflight(bad: Callable[[str, object, str, str], None], cfg: RlmeshConfig, device: str) -> None:
+    def preflight(bad: Report, cfg: RlmeshConfig, device: str) -> None:
         check_model_path(bad, "roles.reward.model.path", cfg.roles.reward.model.path)
 
     def __init__(

@@ -61,11 +61,9 @@ class CollectiveWeightSync:
     With `colocated`, engine i shares trainer rank i's GPU and receives from that rank instead (cuda_ipc), over a
     group of its own; every rank holds the full tensors during a sync anyway, since FSDP2 gathers them on all.
 
-    The trainer mesh must expose two endpoints (rank 0 answers the first; all ranks run the second in lockstep):
-        weight_specs() -> list[(name, dtype, shape)]                 what iter_full_weights() yields, in its order
-        push_weights(group_name: str, plan: SyncPlan, version: int) -> dict[str, float]
-            = send_weights(self.iter_full_weights(), plan, member_group(group_name), version=version)
-    The rollout mesh is VLLMRollout (engine_info, join_weight_group, receive_weights, leave_weight_group).
+    The trainer mesh plays rlmesh.roles.contracts.CollectivePolicyLearner (rank 0 answers weight_specs; all ranks
+    run push_weights in lockstep, = send_weights(self.iter_full_weights(), plan, member_group(group_name), ...)),
+    the rollout mesh CollectiveRollout (engine_info, join_weight_group, receive_weights, leave_weight_group).
 
     Every wait has a deadline. A failed sync raises WeightSyncError naming the members that failed or did not
     finish, tears the group down, and the next push forms a new one.
@@ -91,7 +89,7 @@ class CollectiveWeightSync:
             if not hasattr(trainer, endpoint_name):
                 raise WeightSyncError(
                     f"trainer mesh '{trainer.name}' has no endpoint {endpoint_name!r}, which the {transport} weight "
-                    "sync calls (see CollectiveWeightSync); add it, or set rollout.weight_sync=object_store"
+                    "sync calls (see CollectiveWeightSync); add it, or set roles.rollout.weight_sync=object_store"
                 )
         if colocated and trainer.size != rollout.size:
             raise WeightSyncError(

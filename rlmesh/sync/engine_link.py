@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from rlmesh.mesh import collective
+from rlmesh.mesh import process_groups
 from rlmesh.sync.collective_sync import sync_backstop_s
 from rlmesh.sync.manifest import SyncPlan, tensor_specs
 from rlmesh.sync.sender import send_weights
@@ -51,7 +51,7 @@ class EngineLink:
         )
         name = await self._group_for(plan)
         backstop = sync_backstop_s(self.timeout_s, plan.total_bytes)
-        send = asyncio.to_thread(send_weights, weights.items(), plan, collective.get_group(name), version=version)
+        send = asyncio.to_thread(send_weights, weights.items(), plan, process_groups.get_group(name), version=version)
         await asyncio.gather(send, self._receive(name, backstop))
 
     async def _group_for(self, plan: SyncPlan) -> str:
@@ -59,13 +59,13 @@ class EngineLink:
             return self._group[0]
         if self._group is not None:  # the layout changed: the workers' plan is stale
             await self._leave_workers(self._group[0])
-            collective.leave(self._group[0])
+            process_groups.leave(self._group[0])
         name = f"rlmesh-local-{uuid.uuid4().hex[:8]}"
         world = 1 + await self._worker_count()
-        addr, port = collective.open_store(name, world, self.timeout_s)
+        addr, port = process_groups.open_store(name, world, self.timeout_s)
         request = join_request(name, "gloo", addr, port, 1, world, self.timeout_s, plan.to_json())
         await asyncio.gather(
-            asyncio.to_thread(collective.join, name, "gloo", addr, port, 0, world, self.timeout_s),
+            asyncio.to_thread(process_groups.join, name, "gloo", addr, port, 0, world, self.timeout_s),
             self._join_workers(request),
         )
         self._group = (name, plan.fingerprint)

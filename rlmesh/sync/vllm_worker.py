@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from rlmesh.mesh import collective
+from rlmesh.mesh import process_groups
 from rlmesh.sync.buckets import unpack
 from rlmesh.sync.manifest import SyncPlan
 from rlmesh.sync.transports import WeightSyncError, make_receiver, process_group_backend
@@ -61,7 +61,7 @@ class WeightSyncWorker:
         spec = json.loads(request)
         rank = int(spec["first_rank"]) + self.rank
         backend = process_group_backend(spec["transport"])
-        collective.join(
+        process_groups.join(
             spec["name"],
             backend,
             spec["addr"],
@@ -77,7 +77,7 @@ class WeightSyncWorker:
     def rlmesh_leave_weight_group(self, name: str) -> bool:
         self._rlmesh_plans().pop(name, None)
         try:
-            return collective.leave(name)
+            return process_groups.leave(name)
         except Exception:  # an NCCL group whose peer died may fail to shut down cleanly; it is gone either way
             return True
 
@@ -87,7 +87,7 @@ class WeightSyncWorker:
         if name not in plans:
             raise WeightSyncError(f"this engine worker (rank {self.rank}) has not joined weight-sync group {name!r}")
         plan = plans[name]
-        group = collective.get_group(name)
+        group = process_groups.get_group(name)
         started = time.perf_counter()
         device = torch.device(self.device)
         # gloo moves host memory: its buckets land in CPU buffers, and loading copies them to a GPU engine's device.

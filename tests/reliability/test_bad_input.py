@@ -180,6 +180,8 @@ CASES: list[tuple[str, list[str], str, str]] = [
         "roles.rollout.weight_sync",
         "moves weights over ['object_store'] only",
     ),
+    ("rollout_dtype", ["roles.rollout.dtype=half"], "roles.rollout.dtype", "unknown dtype"),
+    ("critic_epochs", [*PPO, "roles.critic.ppo_epochs=0"], "roles.critic.ppo_epochs", "must be at least 1"),
     (
         "role_not_importable",
         ["roles.reward._target_=no_such_package.Scorer"],

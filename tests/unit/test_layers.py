@@ -37,7 +37,8 @@ def rlmesh_imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module]
+            # `from rlmesh import data` imports rlmesh.data: the package is in the names, not the module
+            names = [f"rlmesh.{a.name}" for a in node.names] if node.module == "rlmesh" else [node.module]
         found |= {name.split(".")[1] for name in names if name.startswith("rlmesh.")}
     return found
 

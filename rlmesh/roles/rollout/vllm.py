@@ -8,10 +8,10 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from rlmesh.config import ModelConfig, RlmeshConfig, RolloutConfig, SamplingConfig
+from rlmesh.config import ModelConfig, Report, RlmeshConfig, RolloutConfig, SamplingConfig
 from rlmesh.engine.devices import resolve_dtype
 from rlmesh.mesh import endpoint
 from rlmesh.roles.rollout import kv_cache as kv_sizing
@@ -19,8 +19,6 @@ from rlmesh.roles.rollout.base import Sample
 from rlmesh.roles.rollout.kv_cache import GIB, HostMemory, KVCacheNeed, kv_cache_need
 from rlmesh.sync.engine_link import EngineLink
 from rlmesh.sync.manifest import dtype_name
-
-Report = Callable[[str, object, str, str], None]  # bad(key, value, why, fix), as config checks report
 
 log = logging.getLogger(__name__)
 

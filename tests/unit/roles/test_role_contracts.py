@@ -152,3 +152,48 @@ def test_estimators_declare_what_they_need_where_they_are_registered():
         assert plan.use_critic  # turned on by what the estimator declared
     finally:
         del ADVANTAGE_ESTIMATORS["grpo_with_values"], ESTIMATOR_NEEDS["grpo_with_values"]
+
+
+class GlooOnlyRollout(VLLMRollout):
+    """vLLM's endpoints, but weights only over the object store or gloo (say, a build without NCCL)."""
+
+    weight_transports = ("object_store", "gloo")
+
+
+GPU_RUN = (
+    "trainer.device=cuda",
+    "trainer.n_gpus=1",
+    "+roles.trainer.resources_per_device.GPU=1",
+    "+roles.rollout.resources_per_engine.GPU=1",
+)
+
+
+def test_auto_picks_a_transport_both_classes_share_and_falls_back_to_the_object_store():
+    gloo_only = "roles.rollout._target_=tests.unit.roles.test_role_contracts.GlooOnlyRollout"
+    assert check_config(load(gloo_only), gpus_available=0).weight_sync == "gloo"
+    assert check_config(load(gloo_only, *GPU_RUN), gpus_available=1).weight_sync == "object_store"  # no nccl
+
+
+def test_a_user_scorer_needs_no_gpu_unless_it_says_so():
+    user_scorer = "roles.reward._target_=tests.unit.roles.test_role_contracts.GoodScorer"
+    assert check_config(load(user_scorer, *GPU_RUN), gpus_available=1).role("reward").capabilities.needs_gpu is False
+    with pytest.raises(ConfigError, match=r"roles.reward.resources_per_actor=.*asks Ray for no GPU"):
+        check_config(load("reward=model", *GPU_RUN), gpus_available=1)
+
+
+def test_sleep_mode_needs_a_rollout_that_declares_it():
+    with pytest.raises(ConfigError, match="HFRollout does not declare supports_sleep"):
+        check_config(load("rollout=hf", "roles.rollout.enable_sleep_mode=true", *GPU_RUN), gpus_available=1)
+
+
+def test_a_critic_that_never_trains_is_named_not_misreported_as_a_bad_class():
+    with pytest.raises(ConfigError) as info:
+        check_config(load("recipe=ppo", "roles.critic.ppo_epochs=0"), gpus_available=0)
+    assert info.value.problems == ["roles.critic.ppo_epochs=0: must be at least 1. Fix: use a positive number"]
+    plan = check_config(load("recipe=ppo"), gpus_available=0)
+    assert plan.role("critic").learner and plan.role("trainer").learner and not plan.role("reward").learner
+
+
+def test_engine_dtypes_are_checked_before_any_actor_starts():
+    with pytest.raises(ConfigError, match=r"roles.rollout.dtype='half': unknown dtype"):
+        check_config(load("roles.rollout.dtype=half"), gpus_available=0)
