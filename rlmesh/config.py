@@ -287,7 +287,7 @@ def unknown_keys(config: Mapping[str, Any], schema: type = RlmeshConfig, prefix:
     `+roles.trainer.optim.lrr=1e-5` must fail instead. Free-form dict fields (task_kwargs, resources, ...) are not
     walked.
     """
-    fields = {f.name: f for f in dataclasses.fields(schema)}
+    fields = [f.name for f in dataclasses.fields(schema)]
     hints = typing.get_type_hints(schema)
     problems = []
     for key in config:

@@ -195,7 +195,7 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
         for spec in specs:
             external = spec.outside_actors.get("GPU")  # vLLM's tensor-parallel workers hold the engine's GPUs
             if spec.capabilities.needs_gpu and not external and not spec.resources.get("GPU"):
-                key = RESOURCE_KEYS[spec.name]
+                key = spec.resources_key
                 bad(
                     key,
                     dict(spec.resources),
@@ -213,21 +213,12 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
     return RunPlan(device, use_critic, use_reference, specs, data.train_batch_size * rollout.n, weight_sync)
 
 
-RESOURCE_KEYS = {
-    "trainer": "roles.trainer.resources_per_device",
-    "rollout": "roles.rollout.resources_per_engine",
-    "reward": "roles.reward.resources_per_actor",
-    "reference": "roles.reference.resources_per_device",
-    "critic": "roles.critic.resources_per_device",
-}
-
-
 def _check_role_settings(bad: Report, cfg: RlmeshConfig, use_critic: bool) -> None:
     """Optimizers, schedules, precision, sampling, scoring and logging: each value a role or the tracker would reject
     after the meshes have started is rejected here, with its key."""
     from rlmesh.engine.devices import DTYPES
     from rlmesh.engine.train_engine import LR_SCHEDULERS, STRATEGIES
-    from rlmesh.roles.rollout.hf import check_sampling
+    from rlmesh.roles.rollout.hf import SamplingError, check_sampling
     from rlmesh.tracking import BACKENDS
 
     roles, trainer = cfg.roles, cfg.trainer
@@ -246,20 +237,16 @@ def _check_role_settings(bad: Report, cfg: RlmeshConfig, use_critic: bool) -> No
             bad(f"{prefix}.optim.betas", list(optim.betas), "AdamW takes two betas", "use e.g. [0.9, 0.999]")
         if learner.strategy not in STRATEGIES:
             bad(f"{prefix}.strategy", learner.strategy, "unknown data-parallel strategy", f"use one of {STRATEGIES}")
-        dtype = learner.model.dtype
-        if dtype != "auto" and dtype not in DTYPES:
-            bad(f"{prefix}.model.dtype", dtype, "unknown dtype", f"use auto or one of {sorted(DTYPES)}")
-        elif dtype == "float16":
+        if learner.model.dtype == "float16":
             bad(
                 f"{prefix}.model.dtype",
-                dtype,
+                learner.model.dtype,
                 "float16 training needs loss scaling, which rlmesh does not do",
                 "use bfloat16 (or auto)",
             )
-    for key, dtype in (
-        ("roles.rollout.dtype", roles.rollout.dtype),
-        ("roles.reward.model.dtype", roles.reward.model.dtype),
-    ):
+    dtypes = {f"{prefix}.model.dtype": learner.model.dtype for prefix, learner in learners}
+    dtypes |= {"roles.rollout.dtype": roles.rollout.dtype, "roles.reward.model.dtype": roles.reward.model.dtype}
+    for key, dtype in dtypes.items():
         if dtype != "auto" and dtype not in DTYPES:
             bad(key, dtype, "unknown dtype", f"use auto or one of {sorted(DTYPES)}")
     for key, sampling in (
@@ -268,9 +255,13 @@ def _check_role_settings(bad: Report, cfg: RlmeshConfig, use_critic: bool) -> No
     ):
         try:
             check_sampling(sampling)
-        except ValueError as err:  # "sampling.<field> must be ..., got <value>"
-            field = str(err).split(" ")[0].removeprefix("sampling.")
-            bad(f"{key}.{field}", getattr(sampling, field, None), str(err).split(", got")[0], "pick a value in range")
+        except SamplingError as err:
+            bad(
+                f"{key}.{err.field}",
+                getattr(sampling, err.field),
+                f"sampling.{err.field} {err.why}",
+                "pick a value in range",
+            )
     reward = roles.reward
     if not reward.timeout_s > 0:
         bad("roles.reward.timeout_s", reward.timeout_s, "each sample needs a positive time limit", "use e.g. 10")

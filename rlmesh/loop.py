@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 
 class WeightSync(Protocol):
+    version: int | None  # what every live engine serves after the last successful push
+
     def setup(self) -> None: ...
     def push(self, version: int) -> dict[str, float]: ...
 
@@ -267,13 +270,12 @@ class RLLoop:
 
     def score(self, batch: Batch) -> RoleCall:
         reward = self.roles.reward
-        return RoleCall("reward", reward, reward.score.shard(batch), lambda: reward.score.shard(batch))
+        return stateless_call("reward", reward, lambda: reward.score.shard(batch))
 
     def reference_logprobs(self, batch: Batch) -> RoleCall:
         reference = self.roles.reference
         assert reference is not None
-        issue = lambda: reference.compute_ref_logprobs.shard(batch)  # noqa: E731
-        return RoleCall("reference", reference, issue(), issue)
+        return stateless_call("reference", reference, lambda: reference.compute_ref_logprobs.shard(batch))
 
     def push_weights(self, version: int) -> dict[str, float]:
         """One sync; if it fails (an engine died during it, say), dead engines are replaced and it is tried once more:
@@ -282,8 +284,12 @@ class RLLoop:
             return self.roles.weight_sync.push(version=version)
         except WeightSyncError as err:
             restarted = self.roles.rollout.restart_dead()
+            recovered = {"recovery/rollout_restarts": float(len(restarted))}
+            if self.roles.weight_sync.version == version:
+                log.warning("weight sync %d failed (%s); restarted engines %s took it", version, err, restarted)
+                return recovered  # the restart hook already pushed this version to every engine
             log.warning("weight sync %d failed (%s); restarted engines %s, syncing again", version, err, restarted)
-            return self.roles.weight_sync.push(version=version) | {"recovery/rollout_restarts": float(len(restarted))}
+            return self.roles.weight_sync.push(version=version) | recovered
 
     def wait_timed(self, call: RoleCall, name: str, issued: float, metrics: dict[str, float]) -> Any:
         result = call.result(metrics)
@@ -415,6 +421,11 @@ class RLLoop:
             f"stopped by {self.stop.signal_name} after step {step}: {where}. Continue with trainer.resume=auto "
             f"(and the same trainer.output_dir={self.run_dir})."
         )
+
+
+def stateless_call(role: str, mesh: Any, issue: Callable[[], Any]) -> RoleCall:
+    """A call to a role whose actors hold no training state: issued now, and repeated if its actors die."""
+    return RoleCall(role, mesh, issue(), issue)
 
 
 def merge(batch: Batch, extra: Batch) -> Batch:

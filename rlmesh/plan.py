@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from hydra.utils import get_class
 
-from rlmesh.config import Report, RlmeshConfig
+from rlmesh.config import ActorConfig, CriticConfig, Report, RlmeshConfig
 from rlmesh.roles.contracts import (
     COLLECTIVE_TRANSPORTS,
     Capabilities,
@@ -34,6 +34,18 @@ LEARNERS = ("trainer", "critic")  # roles that train, with a learning-rate sched
 CPU_BY_DEFAULT = ("reward",)
 
 
+class _Row(NamedTuple):
+    """What the config says about one role, before its class is read."""
+
+    name: str
+    target: str
+    size: int  # actors, along the mesh's one dimension dp
+    resources_field: str  # the role config's field with what each actor asks Ray for
+    kwargs: dict[str, Any]
+    mesh_options: dict[str, Any]
+    optimizer_steps: int = 0
+
+
 @dataclass(frozen=True)
 class RoleSpec:
     """One row of the role table."""
@@ -44,18 +56,22 @@ class RoleSpec:
     capabilities: Capabilities
     shape: dict[str, int]
     resources: dict[str, float]  # what each actor asks Ray for
+    resources_key: str  # the config key those come from, for messages
     kwargs: dict[str, Any]  # constructor arguments (a learner's total_training_steps joins them when it is known)
     mesh_options: dict[str, Any] = field(default_factory=dict)  # ActorMesh options: distributed_env, auto_restart...
     wave: int = 0  # start order: wave 1 starts once every wave-0 mesh is up
     colocate_with: str | None = None  # shares that role's placement, bundle i holding both roles' rank i
     bundle: dict[str, float] | None = None  # what one placement bundle holds, when it is more than `resources`
     outside_actors: dict[str, float] = field(default_factory=dict)  # taken by its own processes (vLLM's tp workers)
-    learner: bool = False  # trains: gets total_training_steps = total steps × optimizer_steps_per_step
-    optimizer_steps_per_step: int = 0
+    optimizer_steps_per_step: int = 0  # a learner's: it gets total_training_steps = total steps × this
 
     @property
     def size(self) -> int:
         return math.prod(self.shape.values())
+
+    @property
+    def learner(self) -> bool:
+        return self.name in LEARNERS
 
     def reserved(self) -> dict[str, float]:
         """What this role takes from the cluster: its placement bundles (none when it lives in another role's) plus
@@ -109,65 +125,46 @@ def plan_roles(
     roles, seed = cfg.roles, cfg.trainer.seed
     actor, rollout, reward, critic, ref = roles.trainer, roles.rollout, roles.reward, roles.critic, roles.reference
     prompts = cfg.data.train_batch_size
-    rows: list[tuple[str, str, dict[str, int], dict[str, float], dict[str, Any], dict[str, Any], int]] = [
-        # name, _target_, shape, resources per actor, constructor arguments, mesh options, optimizer steps per step
-        (
-            "trainer",
-            actor._target_,
-            {"dp": actor.dp_size},
-            dict(actor.resources_per_device),
-            dict(config=actor, rollout_n=rollout.n, seed=seed),
-            {},
-            actor.ppo_epochs * (prompts // max(actor.ppo_mini_batch_size, 1)),
-        ),
-        (
+    service = {"distributed_env": False}  # roles whose actors compute alone, with no process group
+
+    def learner(name: str, config: ActorConfig | CriticConfig) -> _Row:
+        steps = config.ppo_epochs * (prompts // max(config.ppo_mini_batch_size, 1))
+        kwargs = dict(config=config, rollout_n=rollout.n, seed=seed)
+        return _Row(name, config._target_, config.dp_size, "resources_per_device", kwargs, {}, steps)
+
+    rows = [
+        learner("trainer", actor),
+        _Row(
             "rollout",
             rollout._target_,
-            {"dp": rollout.num_engines},
-            dict(rollout.resources_per_engine),
+            rollout.num_engines,
+            "resources_per_engine",
             dict(config=rollout, model=actor.model, seed=seed),
-            {
-                "distributed_env": False,
-                "max_in_flight_per_actor": rollout.max_concurrent_requests_per_engine,
-                "auto_restart": True,
-            },
-            0,
+            {**service, "max_in_flight_per_actor": rollout.max_concurrent_requests_per_engine, "auto_restart": True},
         ),
-        (
+        _Row(
             "reward",
             reward._target_,
-            {"dp": reward.num_actors},
-            dict(reward.resources_per_actor),
+            reward.num_actors,
+            "resources_per_actor",
             dict(config=reward, tokenizer_path=actor.model.path, max_response_length=rollout.sampling.max_tokens),
-            {"distributed_env": False},
-            0,
+            service,
         ),
     ]
     if use_reference:
         rows.append(
-            (
+            _Row(
                 "reference",
                 ref._target_,
-                {"dp": ref.dp_size},
-                dict(ref.resources_per_device),
+                ref.dp_size,
+                "resources_per_device",
                 dict(config=ref, model=actor.model),
-                {"distributed_env": False},
-                0,
+                service,
             )
         )
     if use_critic:
-        rows.append(
-            (
-                "critic",
-                critic._target_,
-                {"dp": critic.dp_size},
-                dict(critic.resources_per_device),
-                dict(config=critic, rollout_n=rollout.n, seed=seed),
-                {},
-                critic.ppo_epochs * (prompts // max(critic.ppo_mini_batch_size, 1)),
-            )
-        )
-    classes = {name: resolve_role_class(bad, f"roles.{name}", target) for name, target, *_ in rows}
+        rows.append(learner("critic", critic))
+    classes = {row.name: resolve_role_class(bad, f"roles.{row.name}", row.target) for row in rows}
     caps = {
         name: capabilities_of(cls, needs_gpu=name not in CPU_BY_DEFAULT)
         for name, cls in classes.items()
@@ -184,12 +181,11 @@ def plan_roles(
         )
     colocated = rollout.colocate_with_trainer
     specs = []
-    for name, _, shape, resources, kwargs, options, optimizer_steps in rows:
-        cls = classes[name]
+    for row in rows:
+        name, cls = row.name, classes[row.name]
         if cls is None:
             continue
-        if caps[name].takes_device:
-            kwargs = {**kwargs, "device": device}
+        kwargs = {**row.kwargs, "device": device} if caps[name].takes_device else row.kwargs
         constructed = {**kwargs, "total_training_steps": 0} if name in LEARNERS else kwargs
         problems: dict[str, type] = {}  # a narrower contract repeats its base's problems: each is reported once
         for contract in contracts[name]:
@@ -198,8 +194,26 @@ def plan_roles(
         for problem, contract in problems.items():
             fix = _constructor_fix(name, kwargs) if "cannot be constructed" in problem else _contract_fix(contract)
             bad(key, f"{cls.__module__}.{cls.__qualname__}", problem, fix)
-        spec = RoleSpec(name, cls, contracts[name], caps[name], shape, resources, kwargs, options)
-        specs.append(_with_run_settings(spec, optimizer_steps, rollout.tensor_parallel_size, colocated))
+        is_rollout = name == "rollout"
+        tensor_parallel = rollout.tensor_parallel_size
+        specs.append(
+            RoleSpec(
+                name,
+                cls,
+                contracts[name],
+                caps[name],
+                {"dp": row.size},
+                dict(getattr(getattr(roles, name), row.resources_field)),
+                f"roles.{name}.{row.resources_field}",
+                kwargs,
+                row.mesh_options,
+                # vLLM sizes its cache from the GPU memory it finds free, so colocated engines start after the trainer
+                wave=1 if colocated and is_rollout else 0,
+                # vLLM's ray executor reserves the tensor-parallel workers' GPUs itself, outside the engine actor
+                outside_actors={"GPU": float(tensor_parallel * row.size)} if is_rollout and tensor_parallel > 1 else {},
+                optimizer_steps_per_step=row.optimizer_steps,
+            )
+        )
     if colocated and {"trainer", "rollout"} <= {s.name for s in specs}:
         specs = _colocate(specs)
     return tuple(specs), transport
@@ -247,15 +261,6 @@ def resolve_weight_transport(
                 f"use auto or one of {both}" if both else "pick trainer and rollout classes that share a transport",
             )
     return transport
-
-
-def _with_run_settings(spec: RoleSpec, optimizer_steps: int, tensor_parallel: int, colocated: bool) -> RoleSpec:
-    updates: dict[str, Any] = {"learner": spec.name in LEARNERS, "optimizer_steps_per_step": optimizer_steps}
-    if spec.name == "rollout" and tensor_parallel > 1:  # vLLM's ray executor reserves the engine's GPUs itself
-        updates["outside_actors"] = {"GPU": float(tensor_parallel * spec.size)}
-    if colocated and spec.name == "rollout":
-        updates["wave"] = 1  # vLLM sizes its cache from the GPU memory it finds free, so the trainer loads first
-    return replace(spec, **updates)
 
 
 def _colocate(specs: list[RoleSpec]) -> list[RoleSpec]:

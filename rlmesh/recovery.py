@@ -68,9 +68,11 @@ class SkippedUpdates:
     """Counts, per learning role, the steps in a row whose every optimizer step was skipped for a non-finite loss or
     gradient (<role>/skipped_steps == <role>/optimizer_steps): the weights have not moved since."""
 
-    def __init__(self, limit: int, roles: tuple[str, ...] = ("actor", "critic")) -> None:
+    ROLES = ("actor", "critic")  # the metric prefixes of the learners
+
+    def __init__(self, limit: int) -> None:
         self.limit = limit  # 0: never stop
-        self.in_a_row = dict.fromkeys(roles, 0)
+        self.in_a_row = dict.fromkeys(self.ROLES, 0)
 
     def check(self, metrics: dict[str, float]) -> str | None:
         """After a step: why the run must stop, or None."""

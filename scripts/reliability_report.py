@@ -34,10 +34,8 @@ def main() -> int:
     print("\n| # | fault injected | outcome | time to recover / fail (s) | samples lost | samples duplicated |")
     print("|---|---|---|---|---|---|")
     for row in sorted(rows, key=lambda r: _order(r["scenario"])):
-        print(
-            f"| {row['scenario']} | {row['fault']} | {row['outcome']} | {row['seconds']} | {row['lost']} | "
-            f"{row['duplicated']} |"
-        )
+        figures = [("-" if row[key] is None else row[key]) for key in ("seconds", "lost", "duplicated")]
+        print(f"| {row['scenario']} | {row['fault']} | {row['outcome']} | " + " | ".join(map(str, figures)) + " |")
     for test in failed:
         print(f"| ? | {test} | **FAILED** | | | |")
     print(f"\n{len(rows)} scenario rows, {len(failed)} failed tests; pytest exit code {code}")
@@ -45,7 +43,8 @@ def main() -> int:
 
 
 def _order(scenario: str) -> tuple[int, str]:
-    return (int(scenario), "") if scenario.isdigit() else (99, scenario)
+    number = scenario.rstrip("abcdefghijklmnopqrstuvwxyz")  # "8b" sorts after "8"
+    return (int(number), scenario) if number.isdigit() else (99, scenario)
 
 
 def _failed_tests(junit: Path) -> list[str]:

@@ -8,6 +8,7 @@ admits numbers and + - * / ^ only. LaTeX answers go through math-verify's LaTeX 
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import threading
 from typing import Any
@@ -23,6 +24,7 @@ MAX_PLAIN_CHARS = 100
 MAX_EXPONENT = 64  # '9^9^9' would take sympy minutes and gigabytes
 
 
+@functools.cache  # once per process: patching the class is not per-sample work
 def _build_numbers_without_eval() -> None:
     """math-verify's LaTeX reader (latex2sympy2_extended) makes each number token with sympy.Number(text), which
     sympify()s the text, and sympify runs eval. The grammar admits digits only there, but the guarantee that model

@@ -175,7 +175,7 @@ class RewardScorer:
         self._lock = threading.Lock()
         self._pending: deque[int] = deque()  # the current batch's samples not yet handed to a worker
         self._died_once: set[int] = set()
-        self.worker_deaths = 0  # since construction; the role reports it per batch
+        self.worker_deaths = 0  # since construction; ScoreResult.metrics has each batch's count (no run metric yet)
         self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
 
     def __enter__(self) -> RewardScorer:

@@ -26,13 +26,21 @@ Report = Callable[..., None]
 
 @pytest.fixture
 def report(request: pytest.FixtureRequest) -> Report:
-    """report(scenario, fault, outcome, seconds, lost=0, duplicated=0): one row of the reliability table, written
-    by a test once its assertions have passed."""
+    """report(scenario, fault, outcome, seconds=None, lost=None, duplicated=None): one row of the reliability table,
+    written by a test once its assertions have passed. A figure the test did not measure stays None (printed as -)."""
 
-    def add(scenario: str, fault: str, outcome: str, seconds: float, lost: int = 0, duplicated: int = 0) -> None:
+    def add(
+        scenario: str,
+        fault: str,
+        outcome: str,
+        seconds: float | None = None,
+        lost: int | None = None,
+        duplicated: int | None = None,
+    ) -> None:
         path = os.environ.get(REPORT_ENV)
         if path:
-            row = dict(scenario=scenario, fault=fault, outcome=outcome, seconds=round(seconds, 1), lost=lost)
+            seconds = None if seconds is None else round(seconds, 1)
+            row = dict(scenario=scenario, fault=fault, outcome=outcome, seconds=seconds, lost=lost)
             row |= {"duplicated": duplicated, "test": request.node.nodeid}
             with open(path, "a") as out:
                 out.write(json.dumps(row) + "\n")

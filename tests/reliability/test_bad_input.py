@@ -403,14 +403,12 @@ def test_a_corrupted_parquet_file_is_named(tmp_path: Path, no_actors, report: Re
     with pytest.raises(DataError, match=r"data.train_files=.*train.parquet' is not a readable parquet file"):
         run(data_config(path))
     report(
-        "8",
+        "8b",
         "corrupted parquet, strict malformed row, prompt over the limit, dataset smaller than a batch",
         "clear error naming the key (and row or file) before any actor starts",
-        0.0,
     )
     report(
         "9",
         f"{len(CASES)} invalid values (every rule), typos, wrong types, impossible resources",
         "ConfigError naming key, value and fix before any actor starts; CLI exits 1 without a traceback",
-        0.0,
     )

@@ -139,7 +139,6 @@ def test_dirty_rows_are_counted_at_start_and_never_trained(faulty_run: dict[str,
         "8",
         "dirty rows: 7 malformed (missing fields, wrong types, empty, bad JSON), 3 over the length limit",
         "counted at start (data/train/malformed_rows, filtered_rows), never trained",
-        0.0,
     )
 
 
@@ -227,7 +226,6 @@ def test_a_non_finite_loss_skips_the_update_and_repeated_skips_stop_the_run(faul
         "NaN policy loss at updates 3 and 4",
         "updates skipped and counted (actor/skipped_steps), weights "
         "unchanged; the 2nd skip in a row stopped the run naming the last checkpoint",
-        0.0,
     )
 
 

@@ -44,16 +44,24 @@ def as_sampling_config(sampling: SamplingConfig | Mapping[str, Any]) -> Sampling
     raise TypeError(f"sampling must be a SamplingConfig or a mapping of its fields, got {type(sampling).__name__}")
 
 
+class SamplingError(ValueError):
+    """A sampling setting that cannot be sampled: `field` names it, `why` says what it must be."""
+
+    def __init__(self, field: str, why: str, value: object) -> None:
+        super().__init__(f"sampling.{field} {why}, got {value}")
+        self.field, self.why = field, why
+
+
 def check_sampling(sampling: SamplingConfig) -> None:
-    """Raises ValueError naming the field, the value and the fix for settings that cannot be sampled."""
+    """Raises SamplingError naming the field, the value and the fix for settings that cannot be sampled."""
     if not sampling.temperature >= 0:
-        raise ValueError(f"sampling.temperature must be >= 0 (0 = greedy), got {sampling.temperature}")
+        raise SamplingError("temperature", "must be >= 0 (0 = greedy)", sampling.temperature)
     if not 0 < sampling.top_p <= 1:
-        raise ValueError(f"sampling.top_p must be in (0, 1] (1 disables it), got {sampling.top_p}")
+        raise SamplingError("top_p", "must be in (0, 1] (1 disables it)", sampling.top_p)
     if sampling.top_k < -1:
-        raise ValueError(f"sampling.top_k must be -1 or 0 (disabled) or a positive count, got {sampling.top_k}")
+        raise SamplingError("top_k", "must be -1 or 0 (disabled) or a positive count", sampling.top_k)
     if sampling.max_tokens < 1:
-        raise ValueError(f"sampling.max_tokens must be at least 1, got {sampling.max_tokens}")
+        raise SamplingError("max_tokens", "must be at least 1", sampling.max_tokens)
 
 
 def sample_seed(request_seed: int, sample_index: int) -> int:

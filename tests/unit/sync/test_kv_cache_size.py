@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import AutoConfig
 
 from rlmesh.config import ModelConfig, RolloutConfig
@@ -25,6 +27,9 @@ def test_every_sequence_gets_whole_blocks_plus_headroom_unless_the_user_sets_the
     assert need.bytes == int(256 * CPU_BLOCK_TOKENS * 4096 * KV_HEADROOM)
     longer = kv_cache_need(hf_config=config, dtype="float32", max_num_seqs=256, max_model_len=None, explicit_gb=None)
     assert longer.tokens_per_seq == 128  # None: the model's max_position_embeddings
+    config.max_position_embeddings = 300  # where 32 and the model's length would no longer round alike
+    longest = kv_cache_need(hf_config=config, dtype="float32", max_num_seqs=256, max_model_len=None, explicit_gb=None)
+    assert longest.tokens_per_seq == 3 * CPU_BLOCK_TOKENS
     explicit = kv_cache_need(hf_config=config, dtype="float32", max_num_seqs=256, max_model_len=32, explicit_gb=0.5)
     assert explicit.bytes == 1 << 29 and explicit.explicit
 
@@ -42,5 +47,7 @@ def test_host_memory_reads_this_machine():
 
     memory, total = host_memory(), psutil.virtual_memory().total
     assert 0 < memory.available_bytes <= total
+    if Path("/sys/devices/system/node/node0/meminfo").exists():  # the node's figure must have been read
+        assert memory.node is not None
     if memory.node is not None:  # a NUMA node holds part of the machine's memory at most
         assert memory.node_available_bytes is not None and 0 < memory.node_available_bytes <= total
