@@ -12,7 +12,15 @@ from typing import Any, Protocol, cast
 
 import torch
 
-from rlmesh.algo import apply_kl_penalty, estimator_needs, get_advantage_estimator, make_kl_controller
+from rlmesh.algo import estimator_needs, make_kl_controller
+from rlmesh.batch_stages import (
+    PROMPT_FIELDS,
+    Layout,
+    UpdateSettings,
+    assemble_generations,
+    prepare_update,
+    reward_summary,
+)
 from rlmesh.checkpoint import (
     CheckpointManager,
     capture_rng,
@@ -24,14 +32,8 @@ from rlmesh.checkpoint import (
 )
 from rlmesh.config import RlmeshConfig, SamplingConfig
 from rlmesh.data import Batch, PromptLoader, PromptRow
-from rlmesh.mesh import ActorDiedError, wait_all
-from rlmesh.metrics import (
-    data_metrics,
-    reward_metrics,
-    rollout_probs_diff_metrics,
-    throughput_metrics,
-    validation_metrics,
-)
+from rlmesh.mesh import ActorDiedError, Stored, StoredRows, run_stored, wait_all
+from rlmesh.metrics import throughput_metrics, validation_metrics
 from rlmesh.recovery import RoleCall, RunFailed, RunInterrupted, SkippedUpdates, StopRequest
 from rlmesh.roles.contracts import PolicyMesh, ReferenceMesh, RolloutMesh, ScorerMesh, SleepingRolloutMesh, ValueMesh
 from rlmesh.roles.rollout.base import Sample, sampling_seed
@@ -82,7 +84,6 @@ class RLLoop:
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.trainer.keep_last)
         kl = cfg.algorithm.kl_ctrl
         self.kl_ctrl = make_kl_controller(kl.type, kl.kl_coef, kl.target_kl, kl.horizon)
-        self.estimator = get_advantage_estimator(cfg.algorithm.adv_estimator)
         self.needs = estimator_needs(cfg.algorithm.adv_estimator)
         self.n = cfg.roles.rollout.n
         self.n_devices = cfg.roles.trainer.dp_size
@@ -94,37 +95,33 @@ class RLLoop:
     # ---------------------------------------------------------------- one step
 
     def step(self, step: int) -> dict[str, float]:
+        """One step. The step's data stays in the object store: the controller holds StoredRows (references to the
+        roles' outputs, row by row) and per-sample scalars, and each role fetches its own shard."""
         cfg, roles, metrics = self.cfg, self.roles, {"training/global_step": float(step)}
         t_step = time.perf_counter()
         rollout_faults = roles.rollout.fault_counts()
         # 1. generate n responses per prompt (and score them, when dynamic sampling must filter on the score)
-        batch = self.rollout_batch(step, metrics)
+        batch, scored = self.rollout_batch(step, metrics)
         if self.sleeping:  # colocated engines hand the GPU to training until the sync: KV cache freed
             self.sleeping.sleep.all(1).result()
         # 2. reward, reference log-probs, old log-probs and values: issued together, awaited together
         issued = time.perf_counter()
         pending = {
-            "reward": None if "token_level_scores" in batch else self.score(batch),
+            "reward": None if scored else self.score(batch),
             "ref": self.reference_logprobs(batch) if roles.reference else None,
-            "old_log_prob": RoleCall("trainer", roles.trainer, roles.trainer.compute_logprobs.shard(batch))
+            "old_log_prob": RoleCall("trainer", roles.trainer, roles.trainer.compute_logprobs.in_store().shard(batch))
             if cfg.algorithm.recompute_old_logprobs
             else None,
-            "values": RoleCall("critic", roles.critic, roles.critic.compute_values.shard(batch))
+            "values": RoleCall("critic", roles.critic, roles.critic.compute_values.in_store().shard(batch))
             if roles.critic
             else None,
         }
         for name, call in pending.items():
             if call is not None:
-                batch = merge(batch, self.wait_timed(call, name, issued, metrics))
-        if cfg.algorithm.recompute_old_logprobs:  # how well the engine agrees with the trainer on the same weights
-            metrics |= rollout_probs_diff_metrics(
-                batch["old_logprobs"], batch["rollout_logprobs"], batch["response_mask"]
-            )
-        else:
-            batch["old_logprobs"] = batch["rollout_logprobs"]
-        # 3. advantages, on the controller
+                batch = batch.with_columns(self.wait_timed(call, name, issued, metrics).rows)
+        # 3. advantages and the batch's metrics, next to the data
         with timed(metrics, "adv"):
-            batch, kl_metrics = self.compute_advantages(batch)
+            batch, batch_metrics = self.compute_advantages(batch)
         # 4. critic and policy updates, issued together
         issued = time.perf_counter()
         critic_update = RoleCall("critic", roles.critic, roles.critic.update.shard(batch)) if roles.critic else None
@@ -136,41 +133,39 @@ class RLLoop:
         with timed(metrics, "update_weights"):
             metrics |= self.update_rollout_weights(version=step)
         # 6. metrics, with verl's names
-        metrics |= kl_metrics | reward_metrics(batch)
-        metrics |= data_metrics(
-            batch,
-            max_response_length=cfg.roles.rollout.sampling.max_tokens,
-            max_prompt_length=cfg.data.max_prompt_length,
-        )
+        tokens = batch_metrics.pop("tokens")
+        metrics |= batch_metrics
         after = roles.rollout.fault_counts()  # requests re-issued after their engine died, engines replaced
         metrics["rollout/retried_requests"] = float(after["retried_calls"] - rollout_faults["retried_calls"])
         metrics["rollout/restarted_engines"] = float(after["restarted_actors"] - rollout_faults["restarted_actors"])
         metrics["timing_s/step"] = time.perf_counter() - t_step
-        metrics |= throughput_metrics(batch, metrics["timing_s/step"], self.n_devices)
+        metrics |= throughput_metrics(tokens, metrics["timing_s/step"], self.n_devices)
         return metrics
 
-    def rollout_batch(self, step: int, metrics: dict[str, float]) -> Batch:
-        """n samples per prompt; with DAPO's dynamic sampling, keep drawing prompts until enough groups have
-        reward variance (groups where every sample scored the same carry no GRPO signal)."""
+    def rollout_batch(self, step: int, metrics: dict[str, float]) -> tuple[StoredRows[Batch], bool]:
+        """n samples per prompt, and whether they are scored already. With DAPO's dynamic sampling, keep drawing
+        prompts until enough groups have reward variance (groups where every sample scored the same carry no GRPO
+        signal)."""
         prompts = self.train_prompts.next_batch()
         dynamic = self.cfg.algorithm.dynamic_sampling
         # Dynamic sampling concatenates several draws, so every draw is padded to the same, maximal widths.
         widths = dynamic.enable
         batch = self.draw(prompts, step, metrics, fixed_widths=widths)
         if not dynamic.enable:
-            return batch
+            return batch, False
         wanted, kept, flat, draws = len(prompts) * self.n, [], [], 0
         while True:
             draws += 1
             with timed(metrics, "reward"):
-                batch = merge(batch, self.score(batch).result(metrics))
-            varied = varied_groups(batch, self.n)
+                scored = self.score(batch).result(metrics)
+            batch = batch.with_columns(scored.rows)
+            varied = varied_groups(scored.summary["sequence_score"], self.n)
             kept.append(batch[varied])
             flat.append(batch[~varied])
             if sum(len(b) for b in kept) >= wanted or draws >= dynamic.max_num_gen_batches:
                 break
             batch = self.draw(self.train_prompts.next_batch(), step, metrics, fixed_widths=widths)
-        result = Batch.concat(kept)
+        result = StoredRows.concat(kept)
         metrics["dynamic_sampling/gen_batches"] = float(draws)
         metrics["dynamic_sampling/kept_groups"] = float(min(len(result), wanted) // self.n)
         if len(result) < wanted:
@@ -178,10 +173,12 @@ class RLLoop:
             log.warning(
                 "dynamic sampling kept %d of %d groups after %d batches", len(result) // self.n, wanted // self.n, draws
             )
-            result = Batch.concat([result, *flat])
-        return result[:wanted]
+            result = StoredRows.concat([result, *flat])
+        return result[:wanted], True
 
-    def draw(self, prompts: list[PromptRow], step: int, metrics: dict[str, float], fixed_widths: bool) -> Batch:
+    def draw(
+        self, prompts: list[PromptRow], step: int, metrics: dict[str, float], fixed_widths: bool
+    ) -> StoredRows[Batch]:
         """n samples per prompt. An estimator that needs a greedy baseline (ReMax) also gets one greedy response per
         prompt, scored: its reward is the baseline_rewards of each of that prompt's rows."""
         sampling = self.cfg.roles.rollout.sampling
@@ -190,68 +187,56 @@ class RLLoop:
         if self.needs.baseline:
             with timed(metrics, "gen_max"):  # verl's name for ReMax's greedy generation
                 greedy = self.generate(prompts, 1, replace(sampling, temperature=0.0), step)
-                scores = self.score(greedy).result(metrics)["token_level_scores"].sum(-1)
-            batch["baseline_rewards"] = scores.repeat_interleave(self.n)
+                scores = self.score(greedy).result(metrics).summary["sequence_score"]
+            baselines = Batch({"baseline_rewards": scores.repeat_interleave(self.n)})
+            batch = batch.with_columns(StoredRows.put(baselines))  # one float per row: the controller's own
         return batch
 
     def generate(
         self, prompts: list[PromptRow], n: int, sampling: SamplingConfig, step: int, fixed_widths: bool = False
-    ) -> Batch:
-        """One routed request per prompt; the engines batch them continuously. Token ids in, token ids out.
-        Tensors are as wide as the longest prompt and response, or with `fixed_widths` as wide as the longest allowed
+    ) -> StoredRows[Batch]:
+        """One routed request per prompt; the engines batch them continuously. Token ids in, token ids out: the
+        samples stay in the object store, and the store worker lays them out as one batch. Tensors are as wide as
+        the longest prompt and response, or with `fixed_widths` as wide as the longest allowed
         (data.max_prompt_length, sampling.max_tokens)."""
         base = sampling.seed if sampling.seed is not None else self.cfg.trainer.seed
         seeds = [sampling_seed(base, step, p["index"]) for p in prompts]
-        futures = [
-            self.roles.rollout.generate.choose(p["prompt_ids"], n, sampling, seed)
-            for p, seed in zip(prompts, seeds, strict=True)
-        ]
-        groups: list[list[Sample]] = wait_all(futures)
-        samples = [s for group in groups for s in group]
-        rows = [p for p in prompts for _ in range(n)]
-        return Batch.from_generations(
-            [s.prompt_ids for s in samples],
-            [s.response_ids for s in samples],
-            [s.logprobs for s in samples],
+        generate = self.roles.rollout.generate.in_store()
+        futures = [generate.choose(p["prompt_ids"], n, sampling, seed) for p, seed in zip(prompts, seeds, strict=True)]
+        groups: list[Stored[list[Sample], None]] = wait_all(futures)
+        per_prompt = {key: [p[key] for p in prompts] for key in PROMPT_FIELDS if key != "uid"}  # type: ignore[literal-required]
+        per_prompt["uid"] = [f"{step}/{p['index']}" for p in prompts]
+        layout = Layout(
             pad_token_id=self.pad_token_id,
             prompt_length=self.cfg.data.max_prompt_length if fixed_widths else None,
             response_length=sampling.max_tokens if fixed_widths else None,
-            non_tensors={
-                "data_source": [r["data_source"] for r in rows],
-                "ground_truth": [r["ground_truth"] for r in rows],
-                "extra_info": [r["extra_info"] for r in rows],
-                "uid": [f"{step}/{r['index']}" for r in rows],
-                "weight_version": [s.weight_version for s in samples],
-            },
-            meta={"temperature": sampling.temperature or 1.0},
+            temperature=sampling.temperature or 1.0,
         )
+        samples = StoredRows.concat([group.rows for group in groups])
+        return run_stored(assemble_generations, samples, per_prompt, n, layout).result().rows
 
-    def compute_advantages(self, batch: Batch) -> tuple[Batch, dict[str, float]]:
-        algo, metrics = self.cfg.algorithm, {}
-        rewards = batch["token_level_scores"]
-        if algo.use_kl_in_reward:
-            rewards, mean_kl = apply_kl_penalty(
-                rewards,
-                batch["old_logprobs"],
-                batch["ref_logprobs"],
-                batch["response_mask"],
-                self.kl_ctrl.value,
-                algo.kl_penalty,
-            )
-            metrics = {"actor/reward_kl_penalty": float(mean_kl), "actor/reward_kl_penalty_coeff": self.kl_ctrl.value}
-            self.kl_ctrl.update(float(mean_kl), n_steps=len(batch))
-        advantages, returns = self.estimator(
-            rewards,
-            batch["response_mask"],
-            group_ids=batch["uid"],
-            values=batch.get("values"),
-            baseline_rewards=batch.get("baseline_rewards"),
+    def compute_advantages(self, batch: StoredRows[Batch]) -> tuple[StoredRows[Batch], dict[str, float]]:
+        """Advantages, KL-penalised rewards and the batch's metrics, computed by the store worker on the whole batch;
+        the KL controller (the controller's state) takes the penalty's KL."""
+        algo = self.cfg.algorithm
+        settings = UpdateSettings(
+            adv_estimator=algo.adv_estimator,
+            use_kl_in_reward=algo.use_kl_in_reward,
+            kl_penalty=algo.kl_penalty,
+            kl_coef=self.kl_ctrl.value,
             gamma=algo.gamma,
             lam=algo.lam,
             norm_adv_by_std=algo.norm_adv_by_std_in_grpo,
+            recompute_old_logprobs=algo.recompute_old_logprobs,
+            max_response_length=self.cfg.roles.rollout.sampling.max_tokens,
+            max_prompt_length=self.cfg.data.max_prompt_length,
         )
-        batch["token_level_rewards"], batch["advantages"], batch["returns"] = rewards, advantages, returns
-        return batch, metrics
+        done = run_stored(prepare_update, batch, settings).result()
+        metrics = dict(done.summary)
+        mean_kl = metrics.pop("mean_kl", None)
+        if mean_kl is not None:
+            self.kl_ctrl.update(mean_kl, n_steps=len(batch))
+        return batch.with_columns(done.rows), metrics
 
     def update_rollout_weights(self, version: int) -> dict[str, float]:
         """Push the trainer's weights to the engines. Sleeping engines first wake their weights (the sync writes
@@ -268,14 +253,15 @@ class RLLoop:
         self.sleeping.wake_up.all(["kv_cache"]).result()
         return metrics
 
-    def score(self, batch: Batch) -> RoleCall:
+    def score(self, batch: StoredRows[Batch]) -> RoleCall:
+        """The reward role's fields stay in the store; its per-sample scores come back (reward_summary)."""
         reward = self.roles.reward
-        return stateless_call("reward", reward, lambda: reward.score.shard(batch))
+        return stateless_call("reward", reward, lambda: reward.score.in_store(reward_summary).shard(batch))
 
-    def reference_logprobs(self, batch: Batch) -> RoleCall:
+    def reference_logprobs(self, batch: StoredRows[Batch]) -> RoleCall:
         reference = self.roles.reference
         assert reference is not None
-        return stateless_call("reference", reference, lambda: reference.compute_ref_logprobs.shard(batch))
+        return stateless_call("reference", reference, lambda: reference.compute_ref_logprobs.in_store().shard(batch))
 
     def push_weights(self, version: int) -> dict[str, float]:
         """One sync; if it fails (an engine died during it, say), dead engines are replaced and it is tried once more:
@@ -305,9 +291,9 @@ class RLLoop:
         metrics: dict[str, float] = {}
         with timed(metrics, "testing"):
             batch = self.generate(self.val_prompts, rollout.val_n, rollout.val_sampling, step=-1)
-            scored = self.score(batch).result(metrics)
-        accs = scored.get("acc")
-        return metrics | validation_metrics(batch["data_source"], scored["score"], accs, rollout.val_n)
+            scored = self.score(batch).result(metrics).summary
+        sources = [p["data_source"] for p in self.val_prompts for _ in range(rollout.val_n)]
+        return metrics | validation_metrics(sources, scored["score"], scored.get("acc"), rollout.val_n)
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -428,18 +414,7 @@ def stateless_call(role: str, mesh: Any, issue: Callable[[], Any]) -> RoleCall:
     return RoleCall(role, mesh, issue(), issue)
 
 
-def merge(batch: Batch, extra: Batch) -> Batch:
-    """Add the fields a role returned (same rows, same order) to the batch."""
-    if len(extra) != len(batch):
-        raise RuntimeError(f"a role returned {len(extra)} rows for a batch of {len(batch)}")
-    for key in extra.keys():  # noqa: SIM118 - a Batch refuses iteration
-        batch[key] = extra[key]
-    for key, value in extra.meta.items():
-        batch.meta.setdefault(key, value)
-    return batch
-
-
-def varied_groups(batch: Batch, n: int) -> torch.Tensor:
+def varied_groups(sequence_scores: torch.Tensor, n: int) -> torch.Tensor:
     """A row mask: True for the rows of groups whose n sequence scores are not all equal."""
-    scores = batch["token_level_scores"].sum(-1).view(-1, n)
+    scores = sequence_scores.view(-1, n)
     return (scores.std(dim=1, unbiased=False) > 0).repeat_interleave(n)

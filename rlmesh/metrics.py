@@ -60,9 +60,8 @@ def data_metrics(batch: Batch, *, max_response_length: int, max_prompt_length: i
     return out
 
 
-def throughput_metrics(batch: Batch, step_seconds: float, n_devices: int) -> dict[str, float]:
+def throughput_metrics(tokens: float, step_seconds: float, n_devices: int) -> dict[str, float]:
     """perf/total_num_tokens (prompt + response tokens of the step) and perf/throughput in tokens/s per device."""
-    tokens = float(batch["attention_mask"].sum().item())
     return {
         "perf/total_num_tokens": tokens,
         "perf/time_per_step": step_seconds,

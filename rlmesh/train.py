@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from rlmesh.config import RlmeshConfig, unknown_keys
 from rlmesh.config_checks import ConfigError, check_cluster_resources, check_config
 from rlmesh.loop import RLLoop, Roles
-from rlmesh.mesh import ActorMesh, Placement, PlacementError
+from rlmesh.mesh import ActorMesh, Placement, PlacementError, start_store_worker
 from rlmesh.mesh.collective import BIND_HOST_ENV
 from rlmesh.plan import RoleSpec, RunPlan
 from rlmesh.recovery import RunFailed, RunInterrupted, StopRequest
@@ -81,6 +81,7 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
     stop = release.enter_context(stop_on_signals())  # after ray.init, which installs a SIGTERM handler of its own
     try:
         check_cluster_resources(plan, ray.cluster_resources())
+        start_store_worker(["rlmesh.batch_stages"])  # the loop's whole-batch stages run there; it starts meanwhile
         roles = build_roles(typed, plan, total_steps, release)
         roles.weight_sync.setup()
         from rlmesh.tracking import Tracker, plot_curves

@@ -6,7 +6,9 @@ Two shapes, each run for real through `rlmesh.train.run` with the mesh verbs ins
   have the real roles' fields, shapes and dtypes; nothing is computed), so it runs on a CPU machine.
 
 "Out" is what the controller serializes into calls (arguments), "in" what it deserializes from results, both
-measured as Ray pickles them (protocol 5, out-of-band buffers counted). Run: python scripts/bench_controller_bytes.py
+measured as Ray pickles them (protocol 5, out-of-band buffers counted). The step's data stays in the object store
+(StoredRows): what the controller handles is references, per-sample scalars and metrics. Calls to the store worker
+(the whole-batch stages) are counted as `store_worker.<function>`. Run: python scripts/bench_controller_bytes.py
 """
 
 from __future__ import annotations
@@ -78,6 +80,18 @@ def count_controller_bytes() -> Iterator[dict[str, list[int]]]:
 
         return result
 
+    import rlmesh.loop
+
+    run_stored = rlmesh.loop.run_stored
+
+    def counting_run_stored(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        name = f"store_worker.{fn.__name__}"
+        counts[name][0] += serialized_bytes((fn, args, kwargs))
+        future = run_stored(fn, *args, **kwargs)
+        future._bench_key = name
+        return future
+
+    rlmesh.loop.run_stored = counting_run_stored  # type: ignore[assignment]
     for name in originals:
         setattr(ActorMesh, name, counting(name))
     ActorMesh._call_routed = counting_routed  # type: ignore[method-assign]
@@ -89,6 +103,7 @@ def count_controller_bytes() -> Iterator[dict[str, list[int]]]:
         for name, fn in originals.items():
             setattr(ActorMesh, name, fn)
         ActorMesh._call_routed = routed  # type: ignore[method-assign]
+        rlmesh.loop.run_stored = run_stored  # type: ignore[assignment]
         for cls, fn in results.items():
             cls.result = fn  # type: ignore[method-assign]
 
@@ -225,12 +240,12 @@ def measure(overrides: list[str], steps: int) -> dict[str, list[int]]:
 def report(title: str, counts: dict[str, list[int]]) -> None:
     out, into = sum(v[0] for v in counts.values()), sum(v[1] for v in counts.values())
     print(
-        f"\n{title}: {(out + into) / 1e6:,.1f} MB through the controller per step ({out / 1e6:,.1f} out, "
-        f"{into / 1e6:,.1f} in)"
+        f"\n{title}: {(out + into) / 1e6:,.3f} MB through the controller per step ({out / 1e6:,.3f} out, "
+        f"{into / 1e6:,.3f} in)"
     )
     print(f"{'call':36} {'out MB':>10} {'in MB':>10}")
     for key, (sent, received) in sorted(counts.items(), key=lambda kv: -(kv[1][0] + kv[1][1])):
-        print(f"{key:36} {sent / 1e6:10.2f} {received / 1e6:10.2f}")
+        print(f"{key:36} {sent / 1e6:10.3f} {received / 1e6:10.3f}")
 
 
 def main() -> None:

@@ -237,6 +237,33 @@ class Batch:
         }
         return cls._from_parts(tensors, non_tensors, _merge_meta([part.meta for part in parts]))
 
+    @classmethod
+    def merge(cls, parts: Sequence[Batch]) -> Batch:
+        """The same rows with the fields of every part: a field in several parts takes the last part's value, and
+        meta keeps each key's first value. Parts must have the same number of rows (a role's output for a batch)."""
+        if not parts:
+            raise ValueError("Batch.merge needs at least one Batch, got an empty sequence")
+        sizes = [len(part) for part in parts]
+        if len(set(sizes)) != 1:
+            raise ValueError(f"Batch.merge: the parts have {sizes} rows; each part must cover the same rows")
+        tensors: dict[str, torch.Tensor] = {}
+        non_tensors: dict[str, list[Any]] = {}
+        meta: dict[str, Any] = {}
+        for part in parts:
+            for key in part._tensor_keys():
+                non_tensors.pop(key, None)
+                tensors[key] = part.tensors[key]
+            for key, values in part.non_tensors.items():
+                tensors.pop(key, None)
+                non_tensors[key] = values
+            for key, value in part.meta.items():
+                meta.setdefault(key, value)
+        merged = cls._from_parts(TensorDict(tensors, batch_size=[sizes[0]]), non_tensors, meta)
+        for key in PER_TOKEN_KEYS:
+            if key in tensors:
+                merged._check_response_width(key, tensors[key])
+        return merged
+
     def split(self, num_parts: int, *, balance_by_tokens: bool = False) -> BatchParts:
         """Split into `num_parts` Batches whose sizes differ by at most one.
 
@@ -260,7 +287,7 @@ class Batch:
             ]
             parts = [self[group] for group in groups]
         else:
-            starts = [0, *itertools.accumulate(_even_sizes(len(self), num_parts))]
+            starts = [0, *itertools.accumulate(even_sizes(len(self), num_parts))]
             groups = [torch.arange(starts[i], starts[i + 1]) for i in range(num_parts)]
             parts = [self[starts[i] : starts[i + 1]] for i in range(num_parts)]
         token_counts = None if lengths is None else [int(lengths[group].sum()) for group in groups]
@@ -413,7 +440,7 @@ def _spread(groups: list[tuple[int, list[int]]]) -> int:
     return max(sums) - min(sums)
 
 
-def _even_sizes(count: int, num_parts: int) -> list[int]:
+def even_sizes(count: int, num_parts: int) -> list[int]:
     base, extra = divmod(count, num_parts)
     return [base + 1 if i < extra else base for i in range(num_parts)]
 

@@ -16,6 +16,7 @@ from rlmesh.mesh.routing import (
     StickyRouter,
 )
 from rlmesh.mesh.shape import Shape
+from rlmesh.mesh.stored import Stored, StoredRows, run_stored, start_store_worker
 
 __all__ = [
     "ActorDiedError",
@@ -38,9 +39,13 @@ __all__ = [
     "Router",
     "Shape",
     "StickyRouter",
+    "Stored",
+    "StoredRows",
     "create_collective_group",
     "current_rank",
     "endpoint",
     "get_group",
+    "run_stored",
+    "start_store_worker",
     "wait_all",
 ]

@@ -28,6 +28,8 @@ class EndpointSpec:
     collect: Collect | None = None
     idempotent: bool = True  # a `choose` call whose actor died is retried elsewhere only if this holds
     shard_dim: str | None = None  # the mesh dimension `shard` splits over; None means the first one
+    in_store: bool = False  # the result stays in the object store; the caller gets Stored(rows, summary)
+    summary: Callable[[Any], Any] | None = None  # with in_store: what of the result comes back, computed in the actor
 
 
 class EndpointMethod(Generic[P, R_co]):

@@ -120,10 +120,16 @@ class RoutedFuture(MeshFuture[R]):
         self._retry = retry
         self._lock = threading.Lock()
         self._value: Any = _UNSET
+        self._finish_attempt: Callable[[Any], Any] | None = None
 
     # called by the mesh
-    def issued(self, ref: ray.ObjectRef) -> None:
+    def issued(self, ref: ray.ObjectRef, finish: Callable[[Any], Any] | None = None) -> None:
+        """This attempt's result will be `finish(value of ref)` (an in_store call wraps its head with its body)."""
+        self._finish_attempt = finish
         self._attempt.set_result(ref)
+
+    def _finish(self, value: Any) -> None:
+        self._value = value if self._finish_attempt is None else self._finish_attempt(value)
 
     def failed(self, err: BaseException) -> None:
         if not self._attempt.done():
@@ -150,7 +156,7 @@ class RoutedFuture(MeshFuture[R]):
             try:
                 ref = attempt.result(remaining)
                 remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                self._value = ray.get(ref, timeout=remaining)
+                self._finish(ray.get(ref, timeout=remaining))
             except (concurrent.futures.TimeoutError, GetTimeoutError):
                 raise TimeoutError(f"routed call did not finish within {timeout}s") from None
             except RayActorError as err:
@@ -165,7 +171,7 @@ class RoutedFuture(MeshFuture[R]):
             attempt = self._attempt
             ref = await asyncio.wrap_future(attempt)
             try:
-                self._value = await ref
+                self._finish(await ref)
             except RayActorError as err:
                 self._retry_once(attempt, err)
         return self._value
@@ -199,7 +205,7 @@ def _prefetch_routed(futures: Sequence[MeshFuture[Any]], timeout: float | None) 
     except Exception:
         return
     for fut, value in zip(issued, values, strict=True):
-        fut._value = value
+        fut._finish(value)
 
 
 class _Unset:

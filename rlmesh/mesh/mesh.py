@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Generic, ParamSpec, TypeVar
+from functools import partial
+from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 import numpy as np
 import ray
@@ -23,6 +25,15 @@ from rlmesh.mesh.placement import Placement, PlacementError
 from rlmesh.mesh.routed import ActorTable, RoutedCalls
 from rlmesh.mesh.routing import RouterLike, make_router
 from rlmesh.mesh.shape import Shape, ShapeLike, select, slice_by_name
+from rlmesh.mesh.stored import (
+    Stored,
+    StoredRows,
+    needs_resolving,
+    resolve,
+    resolve_async,
+    split_result,
+    stored_from,
+)
 from rlmesh.wire import WireTensor
 
 log = logging.getLogger(__name__)
@@ -30,6 +41,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 P = ParamSpec("P")
 R = TypeVar("R")
+S = TypeVar("S")
 
 # Arguments bigger than this are put in the object store once per call instead of once per receiving actor.
 _PUT_ONCE_BYTES = 100 * 1024
@@ -73,6 +85,24 @@ def _host_class(cls: type) -> type:
     def _rlmesh_leave_group(self: Any, name: str) -> bool:
         return process_groups.leave(name)
 
+    # Calls that take StoredRows arguments or keep their result in the object store go through _rlmesh_call:
+    # it fetches the rows here, in the actor, and splits the result into (rows, summary) and the value.
+    def _rlmesh_call(self: Any, method: str, in_store: bool, summary: Any, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = resolve(args, kwargs)
+        value = getattr(self, method)(*args, **kwargs)
+        return split_result(value, summary) if in_store else value
+
+    async def _rlmesh_call_async(
+        self: Any, method: str, in_store: bool, summary: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        args, kwargs = await resolve_async(args, kwargs)
+        value = getattr(self, method)(*args, **kwargs)
+        if inspect.isawaitable(value):
+            value = await value
+        return split_result(value, summary) if in_store else value
+
+    # A coroutine method makes Ray run the actor on an event loop; only classes that already have one get it.
+    is_async = any(spec.is_async for spec in endpoints_of(cls).values())
     members = {
         "__init__": __init__,
         "_rlmesh_address": _rlmesh_address,
@@ -81,6 +111,7 @@ def _host_class(cls: type) -> type:
         "_rlmesh_open_store": _rlmesh_open_store,
         "_rlmesh_join_group": _rlmesh_join_group,
         "_rlmesh_leave_group": _rlmesh_leave_group,
+        "_rlmesh_call": _rlmesh_call_async if is_async else _rlmesh_call,
         "__module__": cls.__module__,
         "__qualname__": cls.__qualname__,
     }
@@ -142,8 +173,44 @@ class Endpoint(Generic[P, R]):
             spec = replace(spec, idempotent=idempotent)
         return Endpoint(self._mesh, spec, route_key if route_key is not None else self._route_key)
 
+    @overload
+    def in_store(self) -> StoredEndpoint[P, R, None]: ...
+    @overload
+    def in_store(self, summary: Callable[[R], S]) -> StoredEndpoint[P, R, S]: ...
+    def in_store(self, summary: Callable[[R], Any] | None = None) -> StoredEndpoint[P, R, Any]:
+        """The same endpoint with its result kept in the object store: calls return Stored(rows, summary), where
+        `rows` is a StoredRows view of the result and `summary(result)`, computed in the actor, is what comes back.
+        Pass the view on to other calls; the actors that take it fetch the rows themselves."""
+        spec = replace(self._spec, in_store=True, summary=summary)
+        return StoredEndpoint(Endpoint(self._mesh, spec, self._route_key))
+
     def __repr__(self) -> str:
         return f"<endpoint {self._mesh._name}.{self._spec.name}>"
+
+
+class StoredEndpoint(Generic[P, R, S]):
+    """An endpoint whose results stay in the object store (see Endpoint.in_store): the same verbs, returning
+    Stored(rows, summary) instead of the result."""
+
+    def __init__(self, endpoint: Endpoint[P, R]) -> None:
+        self._endpoint = endpoint
+
+    def all(self, *args: P.args, **kwargs: P.kwargs) -> MeshFuture[list[Stored[R, S]]]:
+        return self._endpoint.all(*args, **kwargs)  # type: ignore[return-value]
+
+    def choose(self, *args: P.args, **kwargs: P.kwargs) -> MeshFuture[Stored[R, S]]:
+        return self._endpoint.choose(*args, **kwargs)  # type: ignore[return-value]
+
+    def shard(self, *args: P.args, **kwargs: P.kwargs) -> MeshFuture[Stored[R, S]]:
+        """The shards' results as one StoredRows in row order (padding rows dropped), and their summaries
+        gathered by the endpoint's collect (default: concatenated)."""
+        return self._endpoint.shard(*args, **kwargs)  # type: ignore[return-value]
+
+    def call_one(self, *args: P.args, **kwargs: P.kwargs) -> MeshFuture[Stored[R, S]]:
+        return self._endpoint.call_one(*args, **kwargs)  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"<endpoint {self._endpoint!r} in store>"
 
 
 # ---------------------------------------------------------------- the mesh
@@ -442,10 +509,11 @@ class ActorMesh(Generic[T]):
     def _call_all(self, spec: EndpointSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> MeshFuture[Any]:
         if len(self._positions) > 1:
             args, kwargs = _put_large(args, kwargs)
-        table = self._table
-        refs = [table.method(spec.name, p).remote(*args, **kwargs) for p in self._positions]
+        calls = [self._invoke(spec, p, args, kwargs) for p in self._positions]
+        refs, bodies = [head for head, _ in calls], [body for _, body in calls]
         positions = self._positions
-        return GatheredFuture(refs, list, lambda i: self._describe_position(positions[i]), spec.name)
+        collect: Collect = list if not spec.in_store else lambda heads: _stored_each(heads, bodies)
+        return GatheredFuture(refs, collect, lambda i: self._describe_position(positions[i]), spec.name)
 
     def _call_one(self, spec: EndpointSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> MeshFuture[Any]:
         if len(self._positions) != 1:
@@ -454,8 +522,9 @@ class ActorMesh(Generic[T]):
                 "index one first (mesh[i]) or use choose/all/shard"
             )
         pos = self._positions[0]
-        ref = self._table.method(spec.name, pos).remote(*args, **kwargs)
-        return GatheredFuture([ref], lambda values: values[0], lambda i: self._describe_position(pos), spec.name)
+        ref, body = self._invoke(spec, pos, args, kwargs)
+        collect: Collect = (lambda values: values[0]) if not spec.in_store else lambda h: _stored_each(h, [body])[0]
+        return GatheredFuture([ref], collect, lambda i: self._describe_position(pos), spec.name)
 
     def _call_sharded(self, spec: EndpointSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> MeshFuture[Any]:
         dim = spec.shard_dim or self._shape.names[0]
@@ -474,25 +543,48 @@ class ActorMesh(Generic[T]):
         for flat, pos in enumerate(self._positions):
             replicas[self._shape.coords(flat)[dim]].append(pos)
         refs: list[Any] = []
+        bodies: list[Any] = []  # with in_store: each primary shard's result, left in the store
         primary: list[int] = []
         owners: list[int] = []
-        table = self._table
         for shard, (a, k) in enumerate(calls):
             if len(replicas[shard]) > 1:
                 a, k = _put_large(tuple(a), dict(k))
             primary.append(len(refs))
-            for pos in replicas[shard]:
-                refs.append(table.method(spec.name, pos).remote(*a, **k))
+            for i, pos in enumerate(replicas[shard]):
+                head, body = self._invoke(spec, pos, tuple(a), dict(k))
+                refs.append(head)
                 owners.append(pos)
+                if i == 0:
+                    bodies.append(body)
         gather = spec.collect or concat
         # Padding rows come from the default dispatch, so they are dropped before any collect sees the results.
         collect = gather if plan is None else (lambda results: gather(unpad(results, plan)))
+        if spec.in_store:
+            keep = plan.real_rows if plan is not None else None
+            collect = partial(_stored_shards, bodies=bodies, keep=keep, gather=collect, join=spec.collect)
         return GatheredFuture(refs, collect, lambda i: self._describe_position(owners[i]), spec.name, primary)
+
+    def _invoke(self, spec: EndpointSpec, pos: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """Issue one call on the actor at `pos`: (its result's ref, and with in_store the ref of the value kept in
+        the store, else None). Calls with StoredRows arguments or in_store go through the actor's _rlmesh_call."""
+        table = self._table
+        if spec.in_store:
+            head, body = (
+                table.method("_rlmesh_call", pos)
+                .options(num_returns=2)
+                .remote(spec.name, True, spec.summary, *args, **kwargs)
+            )
+            return head, body
+        if needs_resolving(args, kwargs):
+            return table.method("_rlmesh_call", pos).remote(spec.name, False, None, *args, **kwargs), None
+        return table.method(spec.name, pos).remote(*args, **kwargs), None
 
     def _call_routed(
         self, spec: EndpointSpec, args: tuple[Any, ...], kwargs: dict[str, Any], key: Hashable | None
     ) -> MeshFuture[Any]:
-        return self._root._routed.submit(spec.name, args, kwargs, key, spec.idempotent, self._positions)
+        return self._root._routed.submit(
+            spec.name, args, kwargs, key, spec.idempotent, self._positions, in_store=spec.in_store, summary=spec.summary
+        )
 
     # ------------------------------------------------------------ shutdown
 
@@ -513,6 +605,28 @@ class ActorMesh(Generic[T]):
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _stored_each(heads: list[Any], bodies: list[Any]) -> list[Stored[Any, Any]]:
+    return [stored_from(head, body) for head, body in zip(heads, bodies, strict=True)]
+
+
+def _stored_shards(
+    heads: list[tuple[int, Any]],
+    *,
+    bodies: list[Any],
+    keep: list[int] | None,
+    gather: Collect,
+    join: Collect | None,
+) -> Stored[Any, Any]:
+    """One Stored for a sharded in_store call: the shards' kept rows in order (padding rows dropped), joined on
+    fetch by the endpoint's collect, and their summaries gathered (the gather drops their padding rows too)."""
+    views = []
+    for shard, ((rows, _), body) in enumerate(zip(heads, bodies, strict=True)):
+        real = rows if keep is None else keep[shard]
+        if real > 0:
+            views.append(StoredRows.of(body, rows)[:real])
+    return Stored(StoredRows.concat(views).joined_by(join), gather([summary for _, summary in heads]))
 
 
 def _check_fits(placement: Placement, per_actor: Mapping[str, float], n: int) -> None:

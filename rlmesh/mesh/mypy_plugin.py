@@ -1,4 +1,5 @@
-"""mypy plugin: types `mesh.<endpoint>` on an ActorMesh[T] as Endpoint[P, R] from T's @endpoint method."""
+"""mypy plugin: types `mesh.<endpoint>` on an ActorMesh[T] as Endpoint[P, R] from T's @endpoint method, and lets
+its verbs take a StoredRows[X] wherever the method takes an X (the actor fetches the rows before the call)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,17 @@ from collections.abc import Callable
 from functools import partial
 
 from mypy.nodes import Decorator, TypeInfo
-from mypy.plugin import AttributeContext, Plugin
-from mypy.types import AnyType, Instance, Type, TypeOfAny, get_proper_type
+from mypy.plugin import AttributeContext, MethodSigContext, Plugin
+from mypy.types import AnyType, CallableType, Instance, Type, TypeOfAny, UnionType, get_proper_type
 
 _MESH = "rlmesh.mesh.mesh.ActorMesh"
 _ENDPOINT_METHOD = "rlmesh.mesh.endpoint.EndpointMethod"
 _BOUND_ENDPOINT = "rlmesh.mesh.mesh.Endpoint"
+_STORED_ENDPOINT = "rlmesh.mesh.mesh.StoredEndpoint"
+_STORED_ROWS = "rlmesh.mesh.stored.StoredRows"
+_VERBS = {
+    f"{cls}.{verb}" for cls in (_BOUND_ENDPOINT, _STORED_ENDPOINT) for verb in ("all", "choose", "shard", "call_one")
+}
 
 
 class RlmeshPlugin(Plugin):
@@ -20,6 +26,21 @@ class RlmeshPlugin(Plugin):
         if fullname.startswith(prefix) and not fullname[len(prefix) :].startswith("_"):
             return partial(_endpoint_type, fullname[len(prefix) :])
         return None
+
+    def get_method_signature_hook(self, fullname: str) -> Callable[[MethodSigContext], CallableType] | None:
+        return _accept_stored_rows if fullname in _VERBS else None
+
+
+def _accept_stored_rows(ctx: MethodSigContext) -> CallableType:
+    signature = ctx.default_signature
+    modules = ctx.api.modules  # type: ignore[attr-defined]
+    module, _, name = _STORED_ROWS.rpartition(".")
+    if signature.param_spec() is not None or module not in modules:
+        return signature  # inside the verbs' own definitions, or nothing stored in scope
+    info = modules[module].names[name].node
+    assert isinstance(info, TypeInfo)
+    widened = [UnionType.make_union([arg, Instance(info, [arg])]) for arg in signature.arg_types]
+    return signature.copy_modified(arg_types=widened)
 
 
 def _endpoint_type(name: str, ctx: AttributeContext) -> Type:

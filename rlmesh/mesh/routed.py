@@ -9,12 +9,14 @@ import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from ray.exceptions import ActorDiedError as RayActorDiedError
 
 from rlmesh.mesh.futures import ActorDiedError, RoutedFuture, last_line
 from rlmesh.mesh.routing import Load, Router
+from rlmesh.mesh.stored import needs_resolving, stored_from
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class RoutedCall:
     retry: bool
     candidates: Sequence[int]
     future: RoutedFuture[Any]
+    in_store: bool = False  # the result stays in the object store (Endpoint.in_store)
+    summary: Callable[[Any], Any] | None = None
     attempts: int = 0
     position: int = -1  # the actor running the current attempt
     generation: int = 0  # of that position when it was issued: a replaced actor's late failures are not the new one's
@@ -86,10 +90,13 @@ class RoutedCalls:
         key: Hashable | None,
         retry: bool,
         candidates: Sequence[int],
+        *,
+        in_store: bool = False,
+        summary: Callable[[Any], Any] | None = None,
     ) -> RoutedFuture[Any]:
         """Issue a call on one of `candidates` (positions), or queue it until one can take it."""
         future: RoutedFuture[Any] = RoutedFuture(lambda fut, err: self._retry(call, err))
-        call = RoutedCall(method, args, kwargs, key, retry, candidates, future)
+        call = RoutedCall(method, args, kwargs, key, retry, candidates, future, in_store, summary)
         if self._closed is not None:
             future.failed(self._closed)
         else:
@@ -140,7 +147,8 @@ class RoutedCalls:
                     self._queue.append(call)
             elif pos != -1:
                 table.in_flight[pos] += 1
-                method = table.method(call.method, pos)
+                wrapped = call.in_store or needs_resolving(call.args, call.kwargs)
+                method = table.method("_rlmesh_call" if wrapped else call.method, pos)
                 generation = table.generation[pos]
         if pos is None:
             if waits_for_restart:  # e.g. the only engine died: make sure a replacement is on its way
@@ -152,8 +160,15 @@ class RoutedCalls:
             )
             return True
         call.position, call.generation = pos, generation
-        ref = method.remote(*call.args, **call.kwargs)
-        call.future.issued(ref)
+        finish = None
+        if call.in_store:
+            ref, body = method.options(num_returns=2).remote(call.method, True, call.summary, *call.args, **call.kwargs)
+            finish = partial(stored_from, body=body)
+        elif wrapped:
+            ref = method.remote(call.method, False, None, *call.args, **call.kwargs)
+        else:
+            ref = method.remote(*call.args, **call.kwargs)
+        call.future.issued(ref, finish)
         ref.future().add_done_callback(lambda f: self._on_done(pos, generation, f))
         return True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
@@ -11,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlmesh.config import OverlongBufferConfig, Report, RewardConfig, RlmeshConfig, check_model_path
-from rlmesh.data.batch import Batch
+from rlmesh.data.batch import Batch, even_sizes
 from rlmesh.engine.devices import resolve_device, resolve_dtype
 from rlmesh.mesh import endpoint
 from rlmesh.reward import RewardScorer, ScoreItem, default_compute_score, load_compute_score, overlong_penalty
@@ -26,8 +27,10 @@ EXTRA_KEYS_META = "reward_extra_keys"
 
 def split_for_scoring(num_shards: int, batch: Batch) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
     """`shard` dispatch for score(): contiguous parts of sizes differing by at most one, without the mesh's default
-    padding rows (a padded row would be scored, and counted as an error or timeout, for nothing)."""
-    return [((part,), {}) for part in batch.split(num_shards)]
+    padding rows (a padded row would be scored, and counted as an error or timeout, for nothing). The batch may be
+    a StoredRows view of one: its parts are views too."""
+    starts = [0, *itertools.accumulate(even_sizes(len(batch), num_shards))]
+    return [((batch[starts[i] : starts[i + 1]],), {}) for i in range(num_shards)]
 
 
 def gather_scores(results: list[Batch]) -> Batch:

@@ -20,6 +20,7 @@ LAYERS: list[set[str]] = [
     {"reward"},
     {"algo"},
     {"config", "checkpoint", "metrics", "tracking", "models"},
+    {"batch_stages"},  # whole-batch pure functions the loop runs in the store worker
     {"sync"},
     {"engine"},
     {"roles"},

@@ -1,0 +1,115 @@
+"""The step's whole-batch stages as pure functions, run where the data is (the mesh's store worker), not in the loop."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlmesh.algo import apply_kl_penalty, get_advantage_estimator
+from rlmesh.data import Batch
+from rlmesh.metrics import data_metrics, reward_metrics, rollout_probs_diff_metrics
+
+# Per prompt, what every one of its samples carries into the batch besides its tokens.
+PROMPT_FIELDS = ("data_source", "ground_truth", "extra_info", "uid")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How generations become a batch: the padding token and, when fixed, the prompt and response widths."""
+
+    pad_token_id: int
+    prompt_length: int | None
+    response_length: int | None
+    temperature: float
+
+
+def assemble_generations(
+    samples: Sequence[Any], prompts: Mapping[str, Sequence[Any]], n: int, layout: Layout
+) -> tuple[Batch, None]:
+    """The step batch from n samples per prompt (in prompt order): padded tensors as Batch.from_generations lays
+    them out, each prompt's PROMPT_FIELDS repeated over its samples, and each sample's weight_version."""
+    batch = Batch.from_generations(
+        [s.prompt_ids for s in samples],
+        [s.response_ids for s in samples],
+        [s.logprobs for s in samples],
+        pad_token_id=layout.pad_token_id,
+        prompt_length=layout.prompt_length,
+        response_length=layout.response_length,
+        non_tensors={key: [v for v in prompts[key] for _ in range(n)] for key in PROMPT_FIELDS}
+        | {"weight_version": [s.weight_version for s in samples]},
+        meta={"temperature": layout.temperature},
+    )
+    return batch, None
+
+
+def reward_summary(scored: Batch) -> Batch:
+    """What of a reward role's output the controller needs: each row's sequence score (the sum of its token-level
+    scores: dynamic sampling's filter, ReMax's baseline), and the per-sample fields (score, acc, failures)."""
+    return Batch({"sequence_score": scored["token_level_scores"].sum(-1)}, scored.non_tensors, scored.meta)
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """The algorithm's settings that turn the roles' outputs into what the updates train on."""
+
+    adv_estimator: str
+    use_kl_in_reward: bool
+    kl_penalty: str
+    kl_coef: float  # the KL controller's value this step
+    gamma: float
+    lam: float
+    norm_adv_by_std: bool
+    recompute_old_logprobs: bool
+    max_response_length: int
+    max_prompt_length: int
+
+
+def prepare_update(batch: Batch, settings: UpdateSettings) -> tuple[Batch, dict[str, float]]:
+    """From the merged step batch (generations, rewards, reference/old log-probs, values) to the fields the updates
+    add: old_logprobs (the rollout's, unless recomputed), token_level_rewards (KL-penalised with use_kl_in_reward),
+    advantages and returns. The metrics are the step's batch metrics under verl's names, plus `mean_kl` (the
+    penalty's KL, for the controller's KL controller) and `tokens` (prompt + response tokens)."""
+    metrics: dict[str, float] = {}
+    added: dict[str, torch.Tensor] = {}
+    if settings.recompute_old_logprobs:  # how well the engine agrees with the trainer on the same weights
+        metrics |= rollout_probs_diff_metrics(batch["old_logprobs"], batch["rollout_logprobs"], batch["response_mask"])
+        old_logprobs = batch["old_logprobs"]
+    else:
+        old_logprobs = added["old_logprobs"] = batch["rollout_logprobs"]
+    rewards = batch["token_level_scores"]
+    if settings.use_kl_in_reward:
+        rewards, mean_kl = apply_kl_penalty(
+            rewards,
+            old_logprobs,
+            batch["ref_logprobs"],
+            batch["response_mask"],
+            settings.kl_coef,
+            settings.kl_penalty,
+        )
+        metrics |= {
+            "actor/reward_kl_penalty": float(mean_kl),
+            "actor/reward_kl_penalty_coeff": settings.kl_coef,
+            "mean_kl": float(mean_kl),
+        }
+    advantages, returns = get_advantage_estimator(settings.adv_estimator)(
+        rewards,
+        batch["response_mask"],
+        group_ids=batch["uid"],
+        values=batch.get("values"),
+        baseline_rewards=batch.get("baseline_rewards"),
+        gamma=settings.gamma,
+        lam=settings.lam,
+        norm_adv_by_std=settings.norm_adv_by_std,
+    )
+    added |= {"token_level_rewards": rewards, "advantages": advantages, "returns": returns}
+    update = Batch(added)
+    merged = Batch.merge([batch, update])
+    metrics |= reward_metrics(merged)
+    metrics |= data_metrics(
+        merged, max_response_length=settings.max_response_length, max_prompt_length=settings.max_prompt_length
+    )
+    metrics["tokens"] = float(merged["attention_mask"].sum().item())
+    return update, metrics
