@@ -200,7 +200,9 @@ class SyntheticScorer:
         return out
 
 
-def gsm8k_shaped(output_dir: str) -> list[str]:
+def synthetic_roles(output_dir: str) -> list[str]:
+    """The default recipe with every role synthetic (the shapes of their outputs, nothing computed), grpo_gsm8k's
+    reference and recomputed old log-probs, and no validation, checkpoints or plots."""
     here = "scripts.bench_controller_bytes"
     return [
         "recipe=grpo",
@@ -209,10 +211,6 @@ def gsm8k_shaped(output_dir: str) -> list[str]:
         f"roles.trainer._target_={here}.SyntheticTrainer",
         f"roles.reference._target_={here}.SyntheticReference",
         f"roles.reward._target_={here}.SyntheticScorer",
-        "data.train_batch_size=512",
-        "roles.rollout.n=8",
-        "roles.rollout.sampling.max_tokens=1024",
-        "roles.trainer.ppo_mini_batch_size=128",
         "roles.trainer.ppo_micro_batch_size_per_device=8",
         "roles.trainer.use_kl_loss=true",  # grpo_gsm8k trains with a KL loss, so a reference scores every batch
         "algorithm.recompute_old_logprobs=true",
@@ -222,6 +220,16 @@ def gsm8k_shaped(output_dir: str) -> list[str]:
         "trainer.progress_bar=false",
         "trainer.plot=false",
         "trainer.logger=[jsonl]",
+    ]
+
+
+def gsm8k_shaped(output_dir: str) -> list[str]:
+    return [
+        *synthetic_roles(output_dir),
+        "data.train_batch_size=512",
+        "roles.rollout.n=8",
+        "roles.rollout.sampling.max_tokens=1024",
+        "roles.trainer.ppo_mini_batch_size=128",
     ]
 
 

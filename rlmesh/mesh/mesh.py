@@ -560,8 +560,9 @@ class ActorMesh(Generic[T]):
         # Padding rows come from the default dispatch, so they are dropped before any collect sees the results.
         collect = gather if plan is None else (lambda results: gather(unpad(results, plan)))
         if spec.in_store:
-            keep = plan.real_rows if plan is not None else None
-            collect = partial(_stored_shards, bodies=bodies, keep=keep, gather=collect, join=spec.collect)
+            collect = partial(
+                _stored_shards, bodies=bodies, plan=plan, gather=collect, join=spec.collect, name=spec.name
+            )
         return GatheredFuture(refs, collect, lambda i: self._describe_position(owners[i]), spec.name, primary)
 
     def _invoke(self, spec: EndpointSpec, pos: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
@@ -615,18 +616,24 @@ def _stored_shards(
     heads: list[tuple[int, Any]],
     *,
     bodies: list[Any],
-    keep: list[int] | None,
+    plan: ShardPlan | None,
     gather: Collect,
     join: Collect | None,
+    name: str,
 ) -> Stored[Any, Any]:
     """One Stored for a sharded in_store call: the shards' kept rows in order (padding rows dropped), joined on
-    fetch by the endpoint's collect, and their summaries gathered (the gather drops their padding rows too)."""
+    fetch by the endpoint's collect, and their summaries gathered by the same collect (after their padding rows are
+    dropped), so a summary should be of a kind the endpoint's collect gathers."""
     views = []
     for shard, ((rows, _), body) in enumerate(zip(heads, bodies, strict=True)):
-        real = rows if keep is None else keep[shard]
+        if plan is not None and rows != plan.rows_per_shard:  # a view must line up with the rows it was given
+            raise ValueError(f"'{name}' returned {rows} rows for a shard of {plan.rows_per_shard} (shard {shard})")
+        real = rows if plan is None else plan.real_rows[shard]
         if real > 0:
             views.append(StoredRows.of(body, rows)[:real])
-    return Stored(StoredRows.concat(views).joined_by(join), gather([summary for _, summary in heads]))
+    summaries = [summary for _, summary in heads]
+    gathered = None if all(summary is None for summary in summaries) else gather(summaries)
+    return Stored(StoredRows.concat(views).joined_by(join), gathered)
 
 
 def _check_fits(placement: Placement, per_actor: Mapping[str, float], n: int) -> None:

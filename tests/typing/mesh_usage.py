@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import assert_type
 
-from rlmesh.mesh import ActorMesh, MeshFuture, endpoint
+from rlmesh.mesh import ActorMesh, MeshFuture, Stored, StoredRows, endpoint
 
 
 class Sample:
@@ -46,6 +46,21 @@ async def controller(mesh: ActorMesh[Rollout]) -> None:
     mesh.score.shard([1.0])  # type: ignore[list-item]
     mesh.generate.choose([1], n="4")  # type: ignore[arg-type]
     mesh.helper  # type: ignore[misc]  # noqa: B018 - not an @endpoint
+
+
+def count(scores: list[float]) -> int:
+    return len(scores)
+
+
+def stored_calls(mesh: ActorMesh[Rollout], texts: StoredRows[list[str]], ids: StoredRows[list[int]]) -> None:
+    # A StoredRows[X] goes wherever the method takes an X; in_store calls return Stored(rows, summary).
+    assert_type(mesh.score.shard(texts).result(), list[float])
+    assert_type(mesh.score.in_store().shard(texts).result(), Stored[list[float], None])
+    assert_type(mesh.score.in_store(count).shard(["a"]).result().summary, int)
+    assert_type(mesh.generate.in_store().choose(ids, 2).result().rows, StoredRows[list[Sample]])
+    mesh.score.shard(ids)  # type: ignore[arg-type]
+    mesh.score.in_store().shard(ids)  # type: ignore[arg-type]
+    mesh.score.in_store(len).shard(texts).result().summary.upper()  # type: ignore[attr-defined]
     mesh.no_such_method  # type: ignore[misc]  # noqa: B018
 
 
