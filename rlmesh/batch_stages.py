@@ -12,9 +12,6 @@ from rlmesh.algo import apply_kl_penalty, get_advantage_estimator
 from rlmesh.data import Batch
 from rlmesh.metrics import data_metrics, reward_metrics, rollout_probs_diff_metrics
 
-# Per prompt, what every one of its samples carries into the batch besides its tokens.
-PROMPT_FIELDS = ("data_source", "ground_truth", "extra_info", "uid")
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -30,7 +27,8 @@ def assemble_generations(
     samples: Sequence[Any], prompts: Mapping[str, Sequence[Any]], n: int, layout: Layout
 ) -> tuple[Batch, None]:
     """The step batch from n samples per prompt (in prompt order): padded tensors as Batch.from_generations lays
-    them out, each prompt's PROMPT_FIELDS repeated over its samples, and each sample's weight_version."""
+    them out, each of the prompts' fields (one value per prompt) repeated over its samples, and each sample's
+    weight_version."""
     batch = Batch.from_generations(
         [s.prompt_ids for s in samples],
         [s.response_ids for s in samples],
@@ -38,7 +36,7 @@ def assemble_generations(
         pad_token_id=layout.pad_token_id,
         prompt_length=layout.prompt_length,
         response_length=layout.response_length,
-        non_tensors={key: [v for v in prompts[key] for _ in range(n)] for key in PROMPT_FIELDS}
+        non_tensors={key: [v for v in values for _ in range(n)] for key, values in prompts.items()}
         | {"weight_version": [s.weight_version for s in samples]},
         meta={"temperature": layout.temperature},
     )
@@ -70,8 +68,8 @@ class UpdateSettings:
 def prepare_update(batch: Batch, settings: UpdateSettings) -> tuple[Batch, dict[str, float]]:
     """From the merged step batch (generations, rewards, reference/old log-probs, values) to the fields the updates
     add: old_logprobs (the rollout's, unless recomputed), token_level_rewards (KL-penalised with use_kl_in_reward),
-    advantages and returns. The metrics are the step's batch metrics under verl's names, plus `mean_kl` (the
-    penalty's KL, for the controller's KL controller) and `tokens` (prompt + response tokens)."""
+    advantages and returns. The metrics are the step's batch metrics under verl's names, among them
+    actor/reward_kl_penalty (the KL the controller's KL controller takes) and perf/total_num_tokens."""
     metrics: dict[str, float] = {}
     added: dict[str, torch.Tensor] = {}
     if settings.recompute_old_logprobs:  # how well the engine agrees with the trainer on the same weights
@@ -92,7 +90,6 @@ def prepare_update(batch: Batch, settings: UpdateSettings) -> tuple[Batch, dict[
         metrics |= {
             "actor/reward_kl_penalty": float(mean_kl),
             "actor/reward_kl_penalty_coeff": settings.kl_coef,
-            "mean_kl": float(mean_kl),
         }
     advantages, returns = get_advantage_estimator(settings.adv_estimator)(
         rewards,
@@ -111,5 +108,5 @@ def prepare_update(batch: Batch, settings: UpdateSettings) -> tuple[Batch, dict[
     metrics |= data_metrics(
         merged, max_response_length=settings.max_response_length, max_prompt_length=settings.max_prompt_length
     )
-    metrics["tokens"] = float(merged["attention_mask"].sum().item())
+    metrics["perf/total_num_tokens"] = float(merged["attention_mask"].sum().item())
     return update, metrics

@@ -14,7 +14,6 @@ import torch
 
 from rlmesh.algo import estimator_needs, make_kl_controller
 from rlmesh.batch_stages import (
-    PROMPT_FIELDS,
     Layout,
     UpdateSettings,
     assemble_generations,
@@ -133,13 +132,12 @@ class RLLoop:
         with timed(metrics, "update_weights"):
             metrics |= self.update_rollout_weights(version=step)
         # 6. metrics, with verl's names
-        tokens = batch_metrics.pop("tokens")
         metrics |= batch_metrics
         after = roles.rollout.fault_counts()  # requests re-issued after their engine died, engines replaced
         metrics["rollout/retried_requests"] = float(after["retried_calls"] - rollout_faults["retried_calls"])
         metrics["rollout/restarted_engines"] = float(after["restarted_actors"] - rollout_faults["restarted_actors"])
         metrics["timing_s/step"] = time.perf_counter() - t_step
-        metrics |= throughput_metrics(tokens, metrics["timing_s/step"], self.n_devices)
+        metrics |= throughput_metrics(batch_metrics["perf/total_num_tokens"], metrics["timing_s/step"], self.n_devices)
         return metrics
 
     def rollout_batch(self, step: int, metrics: dict[str, float]) -> tuple[StoredRows[Batch], bool]:
@@ -204,8 +202,12 @@ class RLLoop:
         generate = self.roles.rollout.generate.in_store()
         futures = [generate.choose(p["prompt_ids"], n, sampling, seed) for p, seed in zip(prompts, seeds, strict=True)]
         groups: list[Stored[list[Sample], None]] = wait_all(futures)
-        per_prompt = {key: [p[key] for p in prompts] for key in PROMPT_FIELDS if key != "uid"}  # type: ignore[literal-required]
-        per_prompt["uid"] = [f"{step}/{p['index']}" for p in prompts]
+        per_prompt = {
+            "data_source": [p["data_source"] for p in prompts],
+            "ground_truth": [p["ground_truth"] for p in prompts],
+            "extra_info": [p["extra_info"] for p in prompts],
+            "uid": [f"{step}/{p['index']}" for p in prompts],
+        }
         layout = Layout(
             pad_token_id=self.pad_token_id,
             prompt_length=self.cfg.data.max_prompt_length if fixed_widths else None,
@@ -232,11 +234,9 @@ class RLLoop:
             max_prompt_length=self.cfg.data.max_prompt_length,
         )
         done = run_stored(prepare_update, batch, settings).result()
-        metrics = dict(done.summary)
-        mean_kl = metrics.pop("mean_kl", None)
-        if mean_kl is not None:
-            self.kl_ctrl.update(mean_kl, n_steps=len(batch))
-        return batch.with_columns(done.rows), metrics
+        if algo.use_kl_in_reward:
+            self.kl_ctrl.update(done.summary["actor/reward_kl_penalty"], n_steps=len(batch))
+        return batch.with_columns(done.rows), done.summary
 
     def update_rollout_weights(self, version: int) -> dict[str, float]:
         """Push the trainer's weights to the engines. Sleeping engines first wake their weights (the sync writes

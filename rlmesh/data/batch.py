@@ -246,22 +246,14 @@ class Batch:
         sizes = [len(part) for part in parts]
         if len(set(sizes)) != 1:
             raise ValueError(f"Batch.merge: the parts have {sizes} rows; each part must cover the same rows")
-        tensors: dict[str, torch.Tensor] = {}
-        non_tensors: dict[str, list[Any]] = {}
-        meta: dict[str, Any] = {}
-        for part in parts:
-            for key in part._tensor_keys():
-                non_tensors.pop(key, None)
-                tensors[key] = part.tensors[key]
-            for key, values in part.non_tensors.items():
-                tensors.pop(key, None)
-                non_tensors[key] = values
+        first = parts[0]
+        # A shallow copy of the first part; setting each later field checks it as any assignment does.
+        merged = cls._from_parts(first.tensors.copy(), dict(first.non_tensors), dict(first.meta))
+        for part in parts[1:]:
+            for key in part.keys():  # noqa: SIM118 - a Batch refuses iteration
+                merged[key] = part[key]
             for key, value in part.meta.items():
-                meta.setdefault(key, value)
-        merged = cls._from_parts(TensorDict(tensors, batch_size=[sizes[0]]), non_tensors, meta)
-        for key in PER_TOKEN_KEYS:
-            if key in tensors:
-                merged._check_response_width(key, tensors[key])
+                merged.meta.setdefault(key, value)
         return merged
 
     def split(self, num_parts: int, *, balance_by_tokens: bool = False) -> BatchParts:

@@ -22,18 +22,10 @@ from rlmesh.mesh.dispatch import ShardPlan, concat, split_args, unpad
 from rlmesh.mesh.endpoint import Collect, Dispatch, EndpointSpec, endpoints_of
 from rlmesh.mesh.futures import ActorDiedError, GatheredFuture, MeshFuture, last_line, settle
 from rlmesh.mesh.placement import Placement, PlacementError
-from rlmesh.mesh.routed import ActorTable, RoutedCalls
+from rlmesh.mesh.routed import HOST_CALL, ActorTable, RoutedCalls, issue, through_host
 from rlmesh.mesh.routing import RouterLike, make_router
 from rlmesh.mesh.shape import Shape, ShapeLike, select, slice_by_name
-from rlmesh.mesh.stored import (
-    Stored,
-    StoredRows,
-    needs_resolving,
-    resolve,
-    resolve_async,
-    split_result,
-    stored_from,
-)
+from rlmesh.mesh.stored import Stored, StoredRows, resolve, resolve_async, split_result, stored_from
 from rlmesh.wire import WireTensor
 
 log = logging.getLogger(__name__)
@@ -90,7 +82,7 @@ def _host_class(cls: type) -> type:
     def _rlmesh_call(self: Any, method: str, in_store: bool, summary: Any, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = resolve(args, kwargs)
         value = getattr(self, method)(*args, **kwargs)
-        return split_result(value, summary) if in_store else value
+        return split_result(value, summary(value) if summary else None) if in_store else value
 
     async def _rlmesh_call_async(
         self: Any, method: str, in_store: bool, summary: Any, *args: Any, **kwargs: Any
@@ -99,7 +91,7 @@ def _host_class(cls: type) -> type:
         value = getattr(self, method)(*args, **kwargs)
         if inspect.isawaitable(value):
             value = await value
-        return split_result(value, summary) if in_store else value
+        return split_result(value, summary(value) if summary else None) if in_store else value
 
     # A coroutine method makes Ray run the actor on an event loop; only classes that already have one get it.
     is_async = any(spec.is_async for spec in endpoints_of(cls).values())
@@ -566,19 +558,11 @@ class ActorMesh(Generic[T]):
         return GatheredFuture(refs, collect, lambda i: self._describe_position(owners[i]), spec.name, primary)
 
     def _invoke(self, spec: EndpointSpec, pos: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
-        """Issue one call on the actor at `pos`: (its result's ref, and with in_store the ref of the value kept in
-        the store, else None). Calls with StoredRows arguments or in_store go through the actor's _rlmesh_call."""
-        table = self._table
-        if spec.in_store:
-            head, body = (
-                table.method("_rlmesh_call", pos)
-                .options(num_returns=2)
-                .remote(spec.name, True, spec.summary, *args, **kwargs)
-            )
-            return head, body
-        if needs_resolving(args, kwargs):
-            return table.method("_rlmesh_call", pos).remote(spec.name, False, None, *args, **kwargs), None
-        return table.method(spec.name, pos).remote(*args, **kwargs), None
+        """Issue one call on the actor at `pos` (see routed.issue): its result's ref, and with in_store the ref of
+        the value kept in the store."""
+        host = through_host(spec.in_store, args, kwargs)
+        method = self._table.method(HOST_CALL if host else spec.name, pos)
+        return issue(method, spec.name, host, spec.in_store, spec.summary, args, kwargs)
 
     def _call_routed(
         self, spec: EndpointSpec, args: tuple[Any, ...], kwargs: dict[str, Any], key: Hashable | None

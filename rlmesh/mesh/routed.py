@@ -7,7 +7,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -17,6 +17,33 @@ from ray.exceptions import ActorDiedError as RayActorDiedError
 from rlmesh.mesh.futures import ActorDiedError, RoutedFuture, last_line
 from rlmesh.mesh.routing import Load, Router
 from rlmesh.mesh.stored import needs_resolving, stored_from
+
+HOST_CALL = "_rlmesh_call"  # the host method that fetches StoredRows arguments and keeps in_store results
+
+
+def through_host(in_store: bool, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    """Whether a call goes through the actor's _rlmesh_call instead of straight to its endpoint."""
+    return in_store or needs_resolving(args, kwargs)
+
+
+def issue(
+    method: Any,
+    endpoint: str,
+    host: bool,
+    in_store: bool,
+    summary: Callable[[Any], Any] | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[Any, Any]:
+    """Issue one actor call; `method` is the actor's `endpoint`, or with `host` its _rlmesh_call. Returns the ref of
+    the result and, with in_store, the ref of the value kept in the store (else None)."""
+    if not host:
+        return method.remote(*args, **kwargs), None
+    if in_store:
+        head, body = method.options(num_returns=2).remote(endpoint, True, summary, *args, **kwargs)
+        return head, body
+    return method.remote(endpoint, False, None, *args, **kwargs), None
+
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +174,8 @@ class RoutedCalls:
                     self._queue.append(call)
             elif pos != -1:
                 table.in_flight[pos] += 1
-                wrapped = call.in_store or needs_resolving(call.args, call.kwargs)
-                method = table.method("_rlmesh_call" if wrapped else call.method, pos)
+                host = through_host(call.in_store, call.args, call.kwargs)
+                method = table.method(HOST_CALL if host else call.method, pos)
                 generation = table.generation[pos]
         if pos is None:
             if waits_for_restart:  # e.g. the only engine died: make sure a replacement is on its way
@@ -160,15 +187,8 @@ class RoutedCalls:
             )
             return True
         call.position, call.generation = pos, generation
-        finish = None
-        if call.in_store:
-            ref, body = method.options(num_returns=2).remote(call.method, True, call.summary, *call.args, **call.kwargs)
-            finish = partial(stored_from, body=body)
-        elif wrapped:
-            ref = method.remote(call.method, False, None, *call.args, **call.kwargs)
-        else:
-            ref = method.remote(*call.args, **call.kwargs)
-        call.future.issued(ref, finish)
+        ref, body = issue(method, call.method, host, call.in_store, call.summary, call.args, call.kwargs)
+        call.future.issued(ref, None if body is None else partial(stored_from, body=body))
         ref.future().add_done_callback(lambda f: self._on_done(pos, generation, f))
         return True
 

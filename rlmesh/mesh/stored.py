@@ -18,9 +18,6 @@ from rlmesh.mesh.futures import GatheredFuture, MeshFuture
 T = TypeVar("T")
 S = TypeVar("S")
 
-# summary(value) -> a small value that comes back to the caller while `value` stays in the store
-Summarize = Callable[[Any], Any]
-
 
 @dataclass(frozen=True)
 class _Piece:
@@ -208,13 +205,13 @@ def needs_resolving(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
     return any(isinstance(a, StoredRows) for a in args) or any(isinstance(v, StoredRows) for v in kwargs.values())
 
 
-def split_result(value: Any, summarize: Summarize | None) -> tuple[tuple[int, Any], Any]:
+def split_result(value: Any, summary: Any) -> tuple[tuple[int, Any], Any]:
     """(head, value) for a call whose value stays in the store: the head is (rows, summary), what comes back."""
     if not hasattr(value, "__len__"):
         raise TypeError(
             f"a result kept in the object store needs rows (len), got {type(value).__name__}; call without in_store"
         )
-    return (len(value), summarize(value) if summarize is not None else None), value
+    return (len(value), summary), value
 
 
 def stored_from(head: tuple[int, Any], body: ray.ObjectRef) -> Stored[Any, Any]:
@@ -235,24 +232,23 @@ class _StoreWorker:
 
     def run(self, fn: Callable[..., tuple[Any, Any]], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         args, kwargs = resolve(args, kwargs)
-        value, summary = fn(*args, **kwargs)
-        return split_result(value, lambda _: summary)
+        return split_result(*fn(*args, **kwargs))
 
 
-_worker: dict[str, Any] = {}  # the store worker of the current Ray session
+_worker: tuple[str, Any] | None = None  # (Ray session, the store worker's handle)
 _worker_lock = threading.Lock()
 
 
 def _store_worker() -> Any:
+    global _worker
     context = ray.get_runtime_context()
     # Job ids repeat across Ray sessions in one process; the driver's node id does not.
     session = f"{context.get_job_id()}-{context.get_node_id()}"
     with _worker_lock:
-        if session not in _worker:
-            _worker.clear()  # handles of an earlier Ray session are dead
+        if _worker is None or _worker[0] != session:  # a handle of an earlier Ray session is dead
             remote = ray.remote(num_cpus=0, max_restarts=3, max_task_retries=3)(_StoreWorker)
-            _worker[session] = remote.remote()
-        return _worker[session]
+            _worker = (session, remote.remote())
+        return _worker[1]
 
 
 def start_store_worker(imports: Sequence[str] = ()) -> None:

@@ -4,7 +4,6 @@ that take them; in_store calls whose results stay in the store; and the store wo
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import pytest
 import ray
@@ -152,7 +151,7 @@ def test_views_pickle_as_references_not_data():
     assert len(ray.cloudpickle.dumps(every_other)) < 80_000
 
 
-def test_joining_column_groups_needs_a_merge(workers: Any):
+def test_joining_column_groups_needs_a_merge():
     plain = StoredRows.put([1, 2]).with_columns(StoredRows.put([3, 4]))
     with pytest.raises(TypeError, match="no merge"):
         plain.fetch()

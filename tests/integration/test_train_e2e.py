@@ -97,6 +97,20 @@ def test_every_other_recipe_runs_its_algorithm_end_to_end(tmp_path: Path, recipe
         assert all(m["timing_s/gen_max"] > 0 for m in history)
 
 
+def test_a_kl_penalty_in_the_reward_feeds_the_adaptive_kl_controller(tmp_path: Path):
+    overrides = ["algorithm.use_kl_in_reward=true", "algorithm.kl_ctrl.type=adaptive", "roles.reference.enable=true"]
+    history = run(config(tmp_path, *overrides, "trainer.total_steps=3", "trainer.test_freq=-1", "trainer.save_freq=0"))
+    coefficients = [m["actor/reward_kl_penalty_coeff"] for m in history]
+    assert coefficients[0] == 0.001  # the configured kl_coef, used for step 1
+    # The adaptive controller moves the coefficient after each step by the KL it measured (verl's AdaptiveKLController)
+    assert coefficients[1] != coefficients[0] and coefficients[2] != coefficients[1]
+    assert all(math.isfinite(m["actor/reward_kl_penalty"]) for m in history)
+    # Once the policy has moved from the reference, the penalised rewards differ from the scores (the k1 estimate
+    # of the KL can have either sign, so only the difference is certain)
+    assert history[-1]["actor/reward_kl_penalty"] != 0.0
+    assert history[-1]["critic/rewards/mean"] != history[-1]["critic/score/mean"]
+
+
 def test_user_defined_reward_and_rollout_classes_plug_in_by_target(tmp_path: Path):
     """Two classes that inherit from nothing of rlmesh's play the scorer and the rollout, chosen by _target_ alone:
     no vLLM check, no collective transport (the plan reads what the classes can do)."""
