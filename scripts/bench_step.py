@@ -1,139 +1,223 @@
-"""Measure the framework's own overhead in default GRPO steps.
+"""Median GRPO step of rlmesh (rollout=vllm, rollout=hf) against a plain single-process torch + transformers loop on
+the same work, side by side from one run.
 
-Overhead = step time minus the time some role spends inside generation, forward, backward, optimizer, reward or
-weight loading. Roles are swapped for subclasses (through `_target_`, as any user would) that record the wall-clock
-intervals of their endpoint bodies; the union of those intervals inside each step is the work, the rest is the
-controller, scheduling and transfers. Prints the timing_s/* breakdown of a step and the overhead ratio.
+The plain loop is what a user would write without a framework: one process, HF `generate`, the reward function,
+GRPO advantages, one PPO-clip update (the same loss, AdamW and warmup schedule, gradient clipping and micro-batches
+as the recipe's trainer), all on the same base model, prompts and sampling settings. It keeps the trainer's work
+identical: old log-probs are the update forward's own (on-policy, one mini-batch per step, as the default recipe
+with recompute_old_logprobs=false), and it reports the entropy the trainer reports.
 
-Run: python scripts/bench_step.py [--steps 10] [overrides ...]
+    python scripts/bench_step.py                        # the default recipe (recipe=grpo), 12 steps each
+    python scripts/bench_step.py --steps 20 --only plain,vllm roles.rollout.max_num_seqs=512
+
+Prints, per system, the median step and the median generation and update phases over the steps after the first
+two (warm-up), and each step's ratio to the plain loop's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
+import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-
-from rlmesh.roles.reward import RuleReward
-from rlmesh.roles.rollout.hf import HFRollout
-from rlmesh.roles.trainer import PolicyTrainer
-from rlmesh.train import run
+import torch
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-INTERVALS = "RLMESH_BENCH_INTERVALS"  # folder where timed roles append their busy intervals
+sys.path.insert(0, str(REPO))
+
+from rlmesh.algo.advantages import compute_grpo_advantage  # noqa: E402
+from rlmesh.algo.logits import entropy_from_logits, logprobs_from_logits  # noqa: E402
+from rlmesh.algo.losses import compute_policy_loss_vanilla  # noqa: E402
+from rlmesh.config import RlmeshConfig  # noqa: E402
+from rlmesh.engine.train_engine import build_optimizer, build_scheduler  # noqa: E402
+from rlmesh.reward.registry import default_compute_score  # noqa: E402
+
+WARMUP_STEPS = 2  # first allocations, lazy imports, the engines' first batches
+SYSTEMS = ("plain", "hf", "vllm")
 
 
-def _record(role: str, start: float, end: float) -> None:
-    with open(Path(os.environ[INTERVALS]) / f"{role}-{os.getpid()}.jsonl", "a") as f:
-        f.write(json.dumps([start, end]) + "\n")
+def compose(overrides: list[str]) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import rlmesh.train  # noqa: F401  # registers the config schema and the asset resolver
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=["recipe=grpo", *overrides])
 
 
-class TimedTrainer(PolicyTrainer):
-    def compute_logprobs(self, batch: Any) -> Any:
-        t0 = time.time()
-        out = super().compute_logprobs(batch)
-        _record("trainer", t0, time.time())
-        return out
+def plain_loop(cfg: RlmeshConfig, steps: int) -> list[dict[str, float]]:
+    """The recipe's GRPO steps in one process; per step: timing_s/{step,gen,reward,adv,update_actor}."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def update(self, batch: Any) -> Any:
-        t0 = time.time()
-        out = super().update(batch)
-        _record("trainer", t0, time.time())
-        return out
+    from rlmesh.train import build_prompts
 
-    def export_weights(self) -> Any:
-        t0 = time.time()
-        out = super().export_weights()
-        _record("trainer", t0, time.time())
-        return out
+    torch.manual_seed(cfg.trainer.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+    loader, _, _ = build_prompts(cfg, tokenizer)
+    actor, rollout = cfg.roles.trainer, cfg.roles.rollout
+    optim = replace(actor.optim, total_training_steps=steps)
+    optimizer = build_optimizer(model.parameters(), optim)
+    scheduler = build_scheduler(optimizer, optim, steps)
+    n, sampling = rollout.n, rollout.sampling
+    pad = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    history = []
+    for _ in range(steps):
+        timing: dict[str, float] = {}
+        started = time.perf_counter()
+        prompts = loader.next_batch()
+        # generation: left-padded prompts, n samples each
+        width = max(len(p["prompt_ids"]) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p["prompt_ids"])) + list(p["prompt_ids"]) for p in prompts])
+        lengths = torch.tensor([len(p["prompt_ids"]) for p in prompts])
+        attention = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long()
+        t = time.perf_counter()
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=attention,
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=sampling.max_tokens,
+                num_return_sequences=n,
+                pad_token_id=pad,
+                eos_token_id=eos,
+            )
+        responses = out[:, width:]
+        # a response ends at its first eos, which it keeps; generate pads the rest
+        is_eos = (responses == eos).long()
+        response_mask = (torch.cumsum(is_eos, dim=1) - is_eos == 0).float()
+        timing["gen"] = time.perf_counter() - t
+        # reward
+        t = time.perf_counter()
+        scores = torch.zeros(len(responses))
+        for i, row in enumerate(responses.tolist()):
+            prompt = prompts[i // n]
+            length = int(response_mask[i].sum())
+            text = tokenizer.decode(row[:length], skip_special_tokens=True)
+            value = default_compute_score(prompt["data_source"], text, prompt["ground_truth"], prompt["extra_info"])
+            scores[i] = float(value["score"] if isinstance(value, dict) else value)
+        timing["reward"] = time.perf_counter() - t
+        # advantages: the score on each response's last token, normalised within its prompt's group
+        t = time.perf_counter()
+        last = (response_mask.sum(dim=1) - 1).clamp_min(0).long()
+        token_rewards = torch.zeros_like(response_mask)
+        token_rewards[torch.arange(len(scores)), last] = scores
+        groups = torch.arange(len(prompts)).repeat_interleave(n)
+        advantages, _ = compute_grpo_advantage(token_rewards, response_mask, group_ids=groups)
+        timing["adv"] = time.perf_counter() - t
+        # update: one mini-batch (the whole batch), gradients accumulated over micro-batches
+        t = time.perf_counter()
+        model.train()
+        sequences = out
+        full_attention = torch.cat([attention.repeat_interleave(n, dim=0), response_mask.long()], dim=1)
+        positions = (torch.cumsum(full_attention, dim=1) - 1).clamp_min(0)
+        entropy_sum = torch.zeros(())
+        total_tokens = float(response_mask.sum())
+        micro = actor.ppo_micro_batch_size_per_device
+        for start in range(0, len(sequences), micro):
+            rows = slice(start, start + micro)
+            logits = model(
+                input_ids=sequences[rows], attention_mask=full_attention[rows], position_ids=positions[rows]
+            ).logits
+            logits = logits[:, width - 1 : -1] / sampling.temperature
+            log_prob = logprobs_from_logits(logits, responses[rows])
+            with torch.no_grad():
+                entropy_sum += (entropy_from_logits(logits) * response_mask[rows]).sum()
+            loss, _ = compute_policy_loss_vanilla(
+                log_prob.detach(),
+                log_prob,
+                advantages[rows],
+                response_mask[rows],
+                loss_agg_mode=actor.loss_agg_mode,
+                clip_ratio=actor.clip_ratio,
+                clip_ratio_c=actor.clip_ratio_c,
+                denominator=total_tokens,
+            )
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        timing["update_actor"] = time.perf_counter() - t
+        timing["step"] = time.perf_counter() - started
+        history.append(
+            {f"timing_s/{k}": v for k, v in timing.items()}
+            | {"critic/score/mean": float(scores.mean()), "actor/entropy": float(entropy_sum) / total_tokens}
+        )
+    return history
 
 
-class TimedRollout(HFRollout):
-    async def generate(self, *args: Any, **kwargs: Any) -> Any:
-        t0 = time.time()
-        out = await super().generate(*args, **kwargs)
-        _record("rollout", t0, time.time())
-        return out
+def rlmesh_run(overrides: list[str], steps: int) -> list[dict[str, float]]:
+    """The recipe through `rlmesh.train.run` (Ray, the roles' actors); its per-step metrics."""
+    from rlmesh.train import run
 
-    async def load_weights(self, *args: Any, **kwargs: Any) -> Any:
-        t0 = time.time()
-        out = await super().load_weights(*args, **kwargs)
-        _record("rollout", t0, time.time())
-        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose(
+            [
+                f"trainer.total_steps={steps}",
+                "trainer.val_before_train=false",
+                "trainer.test_freq=-1",
+                "trainer.save_freq=0",
+                "trainer.progress_bar=false",
+                "trainer.logger=[jsonl]",
+                f"trainer.output_dir={tmp}/run",
+                *overrides,
+            ]
+        )
+        run(cfg)
+        lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+    return [m for m in map(json.loads, lines) if "timing_s/step" in m]
 
 
-class TimedReward(RuleReward):
-    def score(self, batch: Any) -> Any:
-        t0 = time.time()
-        out = super().score(batch)
-        _record("reward", t0, time.time())
-        return out
-
-
-def union_length(intervals: list[tuple[float, float]], lo: float, hi: float) -> float:
-    """Length of the union of intervals clipped to [lo, hi]."""
-    clipped = sorted((max(a, lo), min(b, hi)) for a, b in intervals if b > lo and a < hi)
-    total, cur_a, cur_b = 0.0, None, None
-    for a, b in clipped:
-        if cur_b is None or a > cur_b:
-            if cur_b is not None and cur_a is not None:
-                total += cur_b - cur_a
-            cur_a, cur_b = a, b
-        else:
-            cur_b = max(cur_b, b)
-    if cur_b is not None and cur_a is not None:
-        total += cur_b - cur_a
-    return total
+def medians(history: list[dict[str, float]]) -> dict[str, float]:
+    kept = history[WARMUP_STEPS:]
+    keys = ("step", "gen", "update_actor", "reward")
+    return {key: statistics.median(m[f"timing_s/{key}"] for m in kept) for key in keys}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--only", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every system (the plain loop reads them)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ[INTERVALS] = tmp
-        here = "__main__"
-        overrides = [
-            f"roles.trainer._target_={here}.TimedTrainer",
-            f"roles.rollout._target_={here}.TimedRollout",
-            f"roles.reward._target_={here}.TimedReward",
-            f"trainer.total_steps={args.steps}",
-            "trainer.test_freq=-1",
-            "trainer.save_freq=0",
-            "trainer.val_before_train=false",
-            "trainer.progress_bar=false",
-            "trainer.logger=[jsonl]",
-            f"trainer.output_dir={tmp}/run",
-            *args.overrides,
-        ]
-        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
-        # Ray workers inherit the environment variable through the runtime env of the local cluster.
-        history = run(cfg)
-        intervals = [tuple(json.loads(line)) for f in Path(tmp).glob("*.jsonl") for line in f.read_text().splitlines()]
-        ends = sorted(b for _, b in intervals)
-    # Steps are back to back; each step ends at the last interval before the next step's first generate.
-    steps = history[1:]  # the first step pays warm-up (lazy imports, first allocations)
-    step_times = [m["timing_s/step"] for m in steps]
-    total = sum(m["timing_s/step"] for m in history)
-    first_start = min(a for a, _ in intervals)
-    busy = union_length([(a, b) for a, b in intervals], first_start, max(ends))
-    wall = max(ends) - first_start
-    print(f"steps: {len(history)}; median step {statistics.median(step_times):.3f}s")
-    print("timing_s breakdown (median over steps after the first):")
-    for key in sorted(k for k in steps[0] if k.startswith("timing_s/")):
-        print(f"  {key:<28} {statistics.median(m[key] for m in steps):8.3f}s")
-    print(f"sum of step times {total:.2f}s; wall from first to last role work {wall:.2f}s; roles busy {busy:.2f}s")
-    overhead = max(total - busy, 0.0)
-    print(f"framework overhead: {overhead:.2f}s = {100 * overhead / total:.1f}% of step time (target < 10%)")
+    chosen = [s for s in args.only.split(",") if s]
+    if unknown := set(chosen) - set(SYSTEMS):
+        parser.error(f"--only: unknown system(s) {sorted(unknown)}; choose from {list(SYSTEMS)}")
+    if args.steps <= WARMUP_STEPS:
+        parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
+    results: dict[str, dict[str, float]] = {}
+    for system in chosen:
+        started = time.perf_counter()
+        if system == "plain":
+            typed: RlmeshConfig = OmegaConf.to_object(compose(args.overrides))  # type: ignore[assignment]
+            history = plain_loop(typed, args.steps)
+        else:
+            history = rlmesh_run([f"rollout={system}", *args.overrides], args.steps)
+        results[system] = medians(history)
+        print(f"{system}: {args.steps} steps in {time.perf_counter() - started:.1f}s (with start-up)", flush=True)
+    base = results.get("plain", {}).get("step")
+    print(f"\nmedian over steps {WARMUP_STEPS + 1}-{args.steps} (s)")
+    print(f"{'system':<14}{'step':>8}{'gen':>8}{'update':>8}{'reward':>8}{'step / plain':>14}")
+    names = {"plain": "plain loop", "hf": "rlmesh hf", "vllm": "rlmesh vllm"}
+    for system, m in results.items():
+        ratio = f"{m['step'] / base:.2f}x" if base else "-"
+        print(
+            f"{names[system]:<14}{m['step']:>8.3f}{m['gen']:>8.3f}{m['update_actor']:>8.3f}{m['reward']:>8.3f}{ratio:>14}"
+        )
 
 
 if __name__ == "__main__":
