@@ -27,6 +27,10 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
+    # verl's name: forwards of the trainer, reference and critic run on the real tokens only, several sequences per
+    # row (rlmesh.engine.forward.packed_forward); the same log-probs, values and gradients for less work when
+    # lengths vary
+    use_remove_padding: bool = False
 
 
 def follow_policy_model() -> ModelConfig:
@@ -37,6 +41,7 @@ def follow_policy_model() -> ModelConfig:
         gradient_checkpointing="${model.gradient_checkpointing}",  # type: ignore[arg-type]
         trust_remote_code="${model.trust_remote_code}",  # type: ignore[arg-type]
         attn_implementation="${model.attn_implementation}",
+        use_remove_padding="${model.use_remove_padding}",  # type: ignore[arg-type]
     )
 
 

@@ -388,6 +388,28 @@ class BatchParts(list[Batch]):
         return merged[torch.argsort(order)]
 
 
+def first_fit_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices 0..n-1 packed into bins whose lengths sum to at most `capacity`: first-fit decreasing (longest first,
+    each into the first bin with room), which uses at most 11/9 of the optimal bin count plus one. Each bin's indices
+    are in ascending order; bins are in the order they were opened."""
+    if capacity < 1:
+        raise ValueError(f"first_fit_bins needs a capacity >= 1, got {capacity}")
+    too_long = [i for i, length in enumerate(lengths) if length > capacity]
+    if too_long:
+        raise ValueError(f"items {too_long[:10]} are longer than the bin capacity {capacity}")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        slot = next((b for b, free in enumerate(room) if free >= lengths[index]), None)
+        if slot is None:
+            bins.append([])
+            room.append(capacity)
+            slot = len(bins) - 1
+        bins[slot].append(index)
+        room[slot] -= lengths[index]
+    return [sorted(b) for b in bins]
+
+
 def balanced_partition(weights: Sequence[int], num_parts: int) -> list[list[int]]:
     """Split indices 0..n-1 into `num_parts` groups of sizes differing by at most one, with near-equal weight sums.
 

@@ -1,4 +1,4 @@
-"""Forwards over the response tokens of a batch: log-probs, entropy and values, in micro-batches."""
+"""Forwards over the response tokens of a batch: log-probs, entropy and values, in micro-batches, padded or packed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from rlmesh.algo import entropy_from_logits_chunked, logprobs_from_logits
-from rlmesh.data.batch import Batch, BatchParts, balanced_partition
+from rlmesh.data.batch import Batch, BatchParts, balanced_partition, first_fit_bins
 from rlmesh.engine.distributed import all_reduce_max
 
 # Rows of [tokens, vocab] logits per chunk when computing entropy: 1024 × 152k (Qwen2.5) float32 is 0.6 GB.
@@ -22,7 +22,7 @@ def response_width(batch: Batch) -> int:
     return int(batch["response_mask"].shape[1])
 
 
-def _response_forward(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, int]:
+def _response_forward(model: nn.Module, batch: Batch, packed: bool = False) -> tuple[Tensor, Tensor, int]:
     """The model's outputs at the positions that predict the response tokens, and those tokens.
 
     With P = prompt width and T = response width (prompt left-padded, response right-padded, verl's layout), the
@@ -30,6 +30,7 @@ def _response_forward(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, i
     padding in every row (the left of the prompt, the right of the response) are cut before the forward: positions
     come from position_ids and padding is masked, so the result is the same, for less work. Returns
     (outputs [B, R, ...], response token ids [B, R], R) where R <= T is the widest real response (at least 1).
+    With `packed`, the model sees only the real tokens (packed_forward); the outputs are the same.
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     total_width, width = input_ids.shape[1], response_width(batch)
@@ -45,14 +46,48 @@ def _response_forward(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, i
     used_response = attention_mask[:, prompt_width:].any(dim=0).nonzero()
     used_width = max(int(used_response.max()) + 1 if used_response.numel() else 0, 1)
     stop = prompt_width + used_width
-    outputs = model(
-        input_ids=input_ids[:, start:stop],
-        attention_mask=attention_mask[:, start:stop],
-        position_ids=batch["position_ids"][:, start:stop],
-        use_cache=False,
-    ).logits
+    window = (input_ids[:, start:stop], attention_mask[:, start:stop], batch["position_ids"][:, start:stop])
+    if packed:
+        outputs = packed_forward(model, *window)
+    else:
+        outputs = model(input_ids=window[0], attention_mask=window[1], position_ids=window[2], use_cache=False).logits
     first = prompt_width - 1 - start
     return outputs[:, first : first + used_width], input_ids[:, prompt_width:stop], used_width
+
+
+def packed_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+    """The model's outputs [B, L, ...] for padded rows, computed on their real tokens only (0 at padding).
+
+    Each row's real tokens (attention_mask) go into rows of the longest sequence's width, several sequences per row
+    (first-fit decreasing), with their own position_ids, which restart at each sequence, and no attention mask:
+    transformers then reads the restarts as sequence boundaries and attends within each sequence only (a block
+    causal mask for SDPA and eager, variable-length kernels for flash-attention). The matmuls run on the real tokens
+    plus each packed row's tail, not on the padding of the longest row.
+    """
+    real = attention_mask != 0
+    lengths = real.sum(dim=1)
+    capacity = max(int(lengths.max()), 1)
+    bins = first_fit_bins(lengths.tolist(), capacity)
+    # Where each row starts in the packed layout: its bin, and the lengths of the rows before it in that bin.
+    bin_of = torch.empty(len(lengths), dtype=torch.long)
+    offset_of = torch.empty(len(lengths), dtype=torch.long)
+    host_lengths = lengths.cpu()
+    for number, members in enumerate(bins):
+        bin_of[members] = number
+        offset_of[members] = torch.cumsum(host_lengths[members], dim=0) - host_lengths[members]
+    rows, columns = real.nonzero(as_tuple=True)
+    rank_in_row = (torch.cumsum(real, dim=1) - 1)[rows, columns]
+    device = input_ids.device
+    target_bin = bin_of.to(device)[rows]
+    target_slot = offset_of.to(device)[rows] + rank_in_row
+    packed_ids = input_ids.new_zeros(len(bins), capacity)
+    packed_ids[target_bin, target_slot] = input_ids[rows, columns]
+    # A bin's unused tail counts 0, 1, 2...: a sequence of its own, attending to nothing real.
+    packed_positions = torch.arange(capacity, device=device).repeat(len(bins), 1)
+    packed_positions[target_bin, target_slot] = position_ids[rows, columns]
+    outputs = model(input_ids=packed_ids, position_ids=packed_positions, attention_mask=None, use_cache=False).logits
+    unpacked = outputs.new_zeros(*input_ids.shape, *outputs.shape[2:])
+    return unpacked.index_put((rows, columns), outputs[target_bin, target_slot])
 
 
 def _pad_to(values: Tensor, width: int) -> Tensor:
@@ -61,18 +96,19 @@ def _pad_to(values: Tensor, width: int) -> Tensor:
 
 
 def response_logprobs(
-    model: nn.Module, batch: Batch, temperature: float = 1.0, with_entropy: bool = False
+    model: nn.Module, batch: Batch, temperature: float = 1.0, with_entropy: bool = False, packed: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """log pi(response token t | prompt, tokens < t) [B, T] float32 and, if asked, the entropy there [B, T].
 
     Logits are divided by `temperature` first, as the rollout engine does when it samples, so these log-probs are
     comparable with the rollout's. Differentiable when grad is enabled. Needs input_ids, attention_mask,
-    position_ids and response_mask; values at masked positions are not meaningful.
+    position_ids and response_mask; values at masked positions are not meaningful. `packed` runs the model on the
+    real tokens only (packed_forward), for the same result.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 to score tokens, got {temperature}; greedy batches score at 1.0")
     width = response_width(batch)
-    logits, response_ids, _ = _response_forward(model, batch)
+    logits, response_ids, _ = _response_forward(model, batch, packed)
     if temperature != 1.0:
         logits = logits / temperature
     logprobs = _pad_to(logprobs_from_logits(logits, response_ids), width)
@@ -82,10 +118,10 @@ def response_logprobs(
     return logprobs, _pad_to(entropy, width)
 
 
-def response_values(model: nn.Module, batch: Batch) -> Tensor:
+def response_values(model: nn.Module, batch: Batch, packed: bool = False) -> Tensor:
     """A value model's V(state before response token t) [B, T] float32: its output at the same positions as the
-    logits that score token t (verl's alignment: values[:, -T-1:-1])."""
-    values, _, _ = _response_forward(model, batch)
+    logits that score token t (verl's alignment: values[:, -T-1:-1]); `packed` as in response_logprobs."""
+    values, _, _ = _response_forward(model, batch, packed)
     return _pad_to(values[..., 0].float(), response_width(batch))
 
 

@@ -42,7 +42,7 @@ class Critic(Learner[CriticConfig]):
         require_fields(batch, SCORE_FIELDS, "Critic.compute_values")
 
         def score(part: Batch) -> Batch:
-            values = response_values(self.engine.model, part)
+            values = response_values(self.engine.model, part, packed=self.config.model.use_remove_padding)
             return Batch({"values": torch.where(part["response_mask"] != 0, values, 0.0)})
 
         return self._score(batch, score)
@@ -57,7 +57,7 @@ class Critic(Learner[CriticConfig]):
 
     def _micro_loss(self, micro: Batch, denominator: float) -> MicroLoss:
         mask = micro["response_mask"]
-        predicted = response_values(self.engine.module, micro)
+        predicted = response_values(self.engine.module, micro, packed=self.config.model.use_remove_padding)
         loss, loss_metrics = value_loss(
             predicted,
             micro["values"],

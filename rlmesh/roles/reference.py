@@ -21,6 +21,7 @@ class Reference:
         self.device = resolve_device(device)
         self.model = load_causal_lm(model, device).eval()
         self.model.requires_grad_(False)
+        self.packed = model.use_remove_padding
 
     @endpoint
     def compute_ref_logprobs(self, batch: Batch) -> Batch:
@@ -32,6 +33,6 @@ class Reference:
         for part in parts:
             part = part.to(self.device)
             with torch.no_grad():
-                logprobs, _ = response_logprobs(self.model, part, temperature)
+                logprobs, _ = response_logprobs(self.model, part, temperature, packed=self.packed)
             results.append(Batch({"ref_logprobs": torch.where(part["response_mask"] != 0, logprobs, 0.0)}))
         return parts.gather(results).to("cpu")

@@ -65,7 +65,9 @@ class PolicyTrainer(Learner[ActorConfig]):
         temperature = float(batch.meta.get("temperature", 1.0))
 
         def score(part: Batch) -> Batch:
-            logprobs, entropy = response_logprobs(self.engine.model, part, temperature, with_entropy=True)
+            logprobs, entropy = response_logprobs(
+                self.engine.model, part, temperature, with_entropy=True, packed=self.config.model.use_remove_padding
+            )
             assert entropy is not None
             valid = part["response_mask"] != 0
             return Batch(
@@ -95,7 +97,9 @@ class PolicyTrainer(Learner[ActorConfig]):
         `denominator`, so that the micro-batch losses add up to the mini-batch loss."""
         config = self.config
         temperature = float(micro.meta.get("temperature", 1.0))
-        log_prob, entropy = response_logprobs(self.engine.module, micro, temperature, with_entropy=True)
+        log_prob, entropy = response_logprobs(
+            self.engine.module, micro, temperature, with_entropy=True, packed=config.model.use_remove_padding
+        )
         objective = policy_objective(
             log_prob,
             micro["old_logprobs"],

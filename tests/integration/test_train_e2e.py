@@ -62,10 +62,14 @@ def test_grpo_steps_update_the_policy_and_write_everything(tmp_path: Path):
 
 
 def test_ppo_steps_train_a_critic(tmp_path: Path):
+    """With packed forwards (model.use_remove_padding): the trainer's and critic's forwards run on real Ray on the
+    real tokens only; the padded ones run in every other test."""
     history = run(
         config(
             tmp_path,
             "recipe=ppo",
+            "model.use_remove_padding=true",
+            "algorithm.recompute_old_logprobs=true",
             "roles.critic.ppo_mini_batch_size=4",
             "roles.critic.ppo_micro_batch_size_per_device=8",
             "roles.critic.resources_per_device={CPU: 0.5}",
@@ -78,6 +82,9 @@ def test_ppo_steps_train_a_critic(tmp_path: Path):
         for key in ("critic/vf_loss", "critic/values/mean", "critic/returns/mean", "actor/pg_loss"):
             assert math.isfinite(metrics[key]), key
     assert history[0]["critic/vf_loss"] != history[1]["critic/vf_loss"]
+    # The trainer's packed log-probs on the rollout's weights are the ones HF generate sampled from; several
+    # sequences sharing a row and attending to each other would be off by far more.
+    assert history[0]["training/rollout_probs_diff_max"] < 1e-5
 
 
 @pytest.mark.parametrize("recipe", ["rloo", "reinforce_pp", "dapo", "drgrpo", "remax"])

@@ -1,10 +1,11 @@
-"""balanced_partition: a hand-computed case, its guarantees as properties, and its errors."""
+"""balanced_partition and first_fit_bins: hand-computed cases, their guarantees as properties, and their errors."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlmesh.data import balanced_partition
+from rlmesh.data.batch import first_fit_bins
 
 
 def test_hand_computed_case():
@@ -39,3 +40,28 @@ def test_partition_properties(weights, num_parts):
     # spread of one sorted row: max weight - min weight (placeholders of weight 0 join when n % num_parts != 0).
     lightest = 0 if len(weights) % num_parts else min(weights, default=0)
     assert max(sums) - min(sums) <= max(weights, default=0) - lightest
+
+
+def test_first_fit_bins_hand_computed_case():
+    # Longest first: 7 opens bin 0 and 5 bin 1; 4 joins bin 1 (9), 3 bin 0 (10); 2 fits neither and opens bin 2;
+    # 1 joins bin 1 (10).
+    assert first_fit_bins([4, 7, 1, 3, 5, 2], 10) == [[1, 3], [0, 2, 4], [5]]
+
+
+@given(st.lists(st.integers(0, 30), max_size=40), st.integers(30, 60))
+@settings(max_examples=200, deadline=None)
+def test_first_fit_bins_hold_every_item_once_within_capacity(lengths: list[int], capacity: int):
+    bins = first_fit_bins(lengths, capacity)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= capacity for b in bins)
+    assert all(b == sorted(b) for b in bins)
+    # First fit never leaves two bins that could have been one: every pair together overflows.
+    sums = [sum(lengths[i] for i in b) for b in bins]
+    assert all(sums[i] + sums[j] > capacity for i in range(len(sums)) for j in range(i + 1, len(sums)))
+
+
+def test_first_fit_bins_refuse_items_longer_than_a_bin():
+    with pytest.raises(ValueError, match=r"items \[1\] are longer than the bin capacity 4"):
+        first_fit_bins([3, 5], 4)
+    with pytest.raises(ValueError, match="capacity >= 1"):
+        first_fit_bins([1], 0)

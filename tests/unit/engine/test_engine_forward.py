@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -107,6 +109,60 @@ def test_values_are_the_head_output_at_the_position_before_each_response_token(p
             head = critic(input_ids=torch.tensor([prompt + response])).logits[0, :, 0]
         expected = head[len(prompt) - 1 : len(prompt) - 1 + len(response)]
         torch.testing.assert_close(values[row, : len(response)], expected, rtol=0, atol=2e-6)
+
+
+def rows_seen(model: torch.nn.Module, run: Callable[[], Any]) -> tuple[Any, list[int]]:
+    """`run()`'s result, and the row count of each input the model's forward saw meanwhile."""
+    seen: list[int] = []
+    forward = model.forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(int(kwargs["input_ids"].shape[0]))
+        return forward(*args, **kwargs)
+
+    model.forward = spy  # type: ignore[method-assign]
+    try:
+        return run(), seen
+    finally:
+        del model.forward
+
+
+def test_packed_log_probs_entropy_and_gradients_equal_the_padded_ones(policy: torch.nn.Module) -> None:
+    # Prompts of 1-6 tokens and responses of 1-4: packed rows hold two or three sequences each.
+    batch = rollout_batch(12, seed=11, temperature=0.8)
+    valid = batch["response_mask"].bool()
+    results = {}
+    for packed in (False, True):
+        policy.zero_grad()
+        (logprobs, entropy), rows = rows_seen(
+            policy, lambda packed=packed: response_logprobs(policy, batch, 0.8, with_entropy=True, packed=packed)
+        )
+        assert entropy is not None
+        assert (rows[0] < len(batch)) == packed  # packing put several sequences in a row
+        (logprobs[valid].sum() + 0.1 * entropy[valid].sum()).backward()
+        results[packed] = (
+            logprobs.detach(),
+            entropy.detach(),
+            {n: p.grad.clone() for n, p in policy.named_parameters()},
+        )
+    policy.zero_grad()
+    (padded_lp, padded_ent, padded_grads), (packed_lp, packed_ent, packed_grads) = results[False], results[True]
+    torch.testing.assert_close(packed_lp[valid], padded_lp[valid], rtol=0, atol=1e-6)
+    torch.testing.assert_close(packed_ent[valid], padded_ent[valid], rtol=0, atol=1e-6)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_packed_values_equal_the_padded_ones(policy_path: str) -> None:
+    torch.manual_seed(0)
+    critic = load_value_model(ModelConfig(path=policy_path), "cpu").eval()
+    batch = rollout_batch(12, seed=12)
+    valid = batch["response_mask"].bool()
+    with torch.no_grad():
+        padded = response_values(critic, batch)
+        packed, rows = rows_seen(critic, lambda: response_values(critic, batch, packed=True))
+    assert rows[0] < len(batch)
+    torch.testing.assert_close(packed[valid], padded[valid], rtol=0, atol=1e-6)
 
 
 def test_micro_batches_by_count_cover_every_row_once_and_gather_in_order() -> None:

@@ -128,6 +128,44 @@ def test_accumulated_micro_batch_gradients_equal_the_mini_batch_gradient(
         torch.testing.assert_close(captured[0][name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_a_trainer_with_packed_forwards_computes_the_same_update(
+    policy_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = {
+        "ppo_micro_batch_size_per_device": 4,
+        "entropy_coeff": 0.01,
+        "use_kl_loss": True,
+        "kl_loss_coef": 0.1,
+        "optim": OptimConfig(lr=1e-3, grad_clip=1e9),
+    }
+    batch = training_batch(make_trainer(policy_path, **settings), 4 * ROLLOUT_N, seed=9, temperature=0.8)
+    batch["old_logprobs"] = batch["old_logprobs"] + 0.3 * torch.randn(batch["old_logprobs"].shape)
+    outcomes = {}
+    for packed in (False, True):
+        trainer = make_trainer(policy_path, **settings)
+        trainer.config.model.use_remove_padding = packed
+        old = trainer.compute_logprobs(batch)["old_logprobs"]
+        grads: list[dict[str, torch.Tensor]] = []
+        monkeypatch.setattr(
+            trainer.engine.optimizer,
+            "step",
+            lambda grads=grads, model=trainer.engine.model: grads.append(
+                {n: p.grad.clone() for n, p in model.named_parameters()}
+            ),
+        )
+        outcomes[packed] = (old, trainer.update(batch), grads)
+    (old, metrics, grads), (packed_old, packed_metrics, packed_grads) = outcomes[False], outcomes[True]
+    valid = batch["response_mask"].bool()
+    torch.testing.assert_close(packed_old[valid], old[valid], rtol=0, atol=1e-6)
+    assert packed_metrics.keys() == metrics.keys()
+    for key, value in metrics.items():
+        assert packed_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert len(grads) == len(packed_grads) == 2  # one optimizer step per mini-batch of 2 prompts
+    for step, step_grads in enumerate(grads):
+        for name, grad in step_grads.items():
+            torch.testing.assert_close(packed_grads[step][name], grad, rtol=1e-5, atol=1e-6, msg=f"{step} {name}")
+
+
 def test_one_update_raises_the_log_prob_of_tokens_with_positive_advantage(policy_path: str) -> None:
     trainer = make_trainer(policy_path, optim=OptimConfig(lr=1e-2))
     batch = training_batch(trainer, 2 * ROLLOUT_N, seed=8)
