@@ -332,7 +332,8 @@ def test_impossible_resources_fail_before_any_mesh_starts(monkeypatch: pytest.Mo
         raise AssertionError("a role mesh started although the cluster could not hold the roles")
 
     monkeypatch.setattr(rlmesh.train, "build_roles", tripwire)
-    with pytest.raises(ConfigError, match=r"CPU: need 82.5, cluster has 16.*per role: trainer \{'CPU': 2.0\}"):
+    # The default recipe's trainer (2 CPUs), 40 engines of 1 CPU and the reward actor (0.5).
+    with pytest.raises(ConfigError, match=r"CPU: need 42.5, cluster has 16.*per role: trainer \{'CPU': 2.0\}"):
         run(compose_config("roles.rollout.num_engines=40", "trainer.progress_bar=false"))
 
 
