@@ -121,16 +121,15 @@ def plain_loop(cfg: RlmeshConfig, steps: int) -> list[dict[str, float]]:
         # update: one mini-batch (the whole batch), gradients accumulated over micro-batches
         t = time.perf_counter()
         model.train()
-        sequences = out
         full_attention = torch.cat([attention.repeat_interleave(n, dim=0), response_mask.long()], dim=1)
         positions = (torch.cumsum(full_attention, dim=1) - 1).clamp_min(0)
         entropy_sum = torch.zeros(())
         total_tokens = float(response_mask.sum())
         micro = actor.ppo_micro_batch_size_per_device
-        for start in range(0, len(sequences), micro):
+        for start in range(0, len(out), micro):
             rows = slice(start, start + micro)
             logits = model(
-                input_ids=sequences[rows], attention_mask=full_attention[rows], position_ids=positions[rows]
+                input_ids=out[rows], attention_mask=full_attention[rows], position_ids=positions[rows]
             ).logits
             logits = logits[:, width - 1 : -1] / sampling.temperature
             log_prob = logprobs_from_logits(logits, responses[rows])

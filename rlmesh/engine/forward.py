@@ -65,13 +65,12 @@ def packed_forward(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     plus each packed row's tail, not on the padding of the longest row.
     """
     real = attention_mask != 0
-    lengths = real.sum(dim=1)
-    capacity = max(int(lengths.max()), 1)
-    bins = first_fit_bins(lengths.tolist(), capacity)
+    host_lengths = real.sum(dim=1).cpu()  # one device-to-host copy: the bins are planned on the host
+    capacity = max(int(host_lengths.max()), 1)
+    bins = first_fit_bins(host_lengths.tolist(), capacity)
     # Where each row starts in the packed layout: its bin, and the lengths of the rows before it in that bin.
-    bin_of = torch.empty(len(lengths), dtype=torch.long)
-    offset_of = torch.empty(len(lengths), dtype=torch.long)
-    host_lengths = lengths.cpu()
+    bin_of = torch.empty(len(host_lengths), dtype=torch.long)
+    offset_of = torch.empty(len(host_lengths), dtype=torch.long)
     for number, members in enumerate(bins):
         bin_of[members] = number
         offset_of[members] = torch.cumsum(host_lengths[members], dim=0) - host_lengths[members]
