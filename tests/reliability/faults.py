@@ -16,11 +16,11 @@ Plan keys (all optional):
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -110,8 +110,12 @@ class FaultyVLLMRollout(VLLMRollout):
         after = plan().get("kill_engine_after")
         if after is not None and cls.received >= after and fire_once("engine"):
             record("engine_killed", in_flight=cls.unanswered)
-            # Die a moment later, while this request and the ones before it are inside the engine.
-            threading.Timer(0.05, die).start()
+            # Die with this request inside the engine and unanswered. A timer that killed the process 50 ms later
+            # raced the engine: once it answered tiny requests that fast, nothing was left in flight to retry.
+            inside = asyncio.ensure_future(super().generate(prompt_ids, n, sampling, seed))
+            await asyncio.sleep(0.01)
+            die()
+            await inside  # not reached: SIGKILL
         samples = await super().generate(prompt_ids, n, sampling, seed)
         cls.unanswered -= 1
         record("served", seed=seed, prompt=list(prompt_ids), versions=[s.weight_version for s in samples])
