@@ -120,6 +120,9 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = -1
     max_tokens: int = 512  # response length cap
+    # vLLM's min_tokens: stop tokens (eos, stop_token_ids) are masked out until a response has this many tokens;
+    # = max_tokens makes every response run to the cap (a generation-bound benchmark on an untrained model)
+    min_tokens: int = 0
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None  # None: derived from trainer.seed, the step and the prompt, so runs reproduce

@@ -121,6 +121,7 @@ CASES: list[tuple[str, list[str], str, str]] = [
     ("temperature", ["roles.rollout.sampling.temperature=-1"], "roles.rollout.sampling.temperature", ">= 0"),
     ("top_p", ["roles.rollout.val_sampling.top_p=0"], "roles.rollout.val_sampling.top_p", "in (0, 1]"),
     ("top_k", ["roles.rollout.sampling.top_k=-2"], "roles.rollout.sampling.top_k", "-1 or 0"),
+    ("min_tokens", ["roles.rollout.sampling.min_tokens=7"], "roles.rollout.sampling.min_tokens", "max_tokens=6]"),
     ("reward_timeout", ["roles.reward.timeout_s=0"], "roles.reward.timeout_s", "positive time limit"),
     ("reward_workers", ["roles.reward.num_workers=-1"], "roles.reward.num_workers", "must be >= 0"),
     ("fallback", ["roles.reward.fallback_score=nan"], "roles.reward.fallback_score", "finite"),

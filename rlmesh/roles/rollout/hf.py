@@ -62,6 +62,8 @@ def check_sampling(sampling: SamplingConfig) -> None:
         raise SamplingError("top_k", "must be -1 or 0 (disabled) or a positive count", sampling.top_k)
     if sampling.max_tokens < 1:
         raise SamplingError("max_tokens", "must be at least 1", sampling.max_tokens)
+    if not 0 <= sampling.min_tokens <= sampling.max_tokens:
+        raise SamplingError("min_tokens", f"must be in [0, max_tokens={sampling.max_tokens}]", sampling.min_tokens)
 
 
 def sample_seed(request_seed: int, sample_index: int) -> int:
@@ -394,6 +396,7 @@ class HFRollout:
         active = list(rows)
         settings = self._row_settings(active)
         while True:
+            logits = self._mask_early_stops(logits, active)
             tokens, logprobs = self._choose_tokens(logits, active, *settings)
             still_active: list[int] = []
             for slot, (row, token, logprob) in enumerate(zip(active, tokens, logprobs, strict=True)):
@@ -441,6 +444,16 @@ class HFRollout:
         top_k = torch.tensor([row.request.sampling.top_k for row in rows], dtype=torch.long, device=device)
         top_p = torch.tensor([row.request.sampling.top_p for row in rows], device=device)
         return temperature, top_k, top_p
+
+    def _mask_early_stops(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """sampling.min_tokens, as vLLM does it: a row shorter than its minimum cannot draw a stop token."""
+        short = [slot for slot, row in enumerate(rows) if len(row.response_ids) < row.request.sampling.min_tokens]
+        if not short:
+            return logits
+        logits = logits.clone()  # the first step's logits are one prompt's row, expanded
+        for slot in short:
+            logits[slot, sorted(rows[slot].request.stop_token_ids)] = float("-inf")
+        return logits
 
     def _choose_tokens(
         self,

@@ -250,6 +250,7 @@ class VLLMRollout:
             top_p=float(sampling.top_p),
             top_k=0 if top_k < 0 else top_k,  # rlmesh's -1 and vLLM's 0 both mean "off"
             max_tokens=int(sampling.max_tokens),
+            min_tokens=int(sampling.min_tokens),
             stop=stop,
             stop_token_ids=[int(t) for t in sampling.stop_token_ids or []],
             seed=seed if seed is not None else sampling.seed,

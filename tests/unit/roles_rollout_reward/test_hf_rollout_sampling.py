@@ -218,6 +218,29 @@ def test_stop_token_ids_and_stop_strings_end_samples(rollout: HFRollout, tiny_mo
         assert plus not in sample.response_ids[:-1]
 
 
+def test_min_tokens_masks_stop_tokens_until_a_response_is_that_long(rollout: HFRollout) -> None:
+    prompt = encode("23+45=")
+    free = asyncio.run(rollout.generate(prompt, 16, SamplingConfig(max_tokens=12), seed=5))
+    assert any(sample.finish_reason == "stop" and len(sample.response_ids) < 12 for sample in free)
+    to_the_cap = asyncio.run(rollout.generate(prompt, 16, SamplingConfig(max_tokens=12, min_tokens=12), seed=5))
+    for sample in to_the_cap:
+        assert len(sample.response_ids) == 12 and EOS not in sample.response_ids
+        assert sample.finish_reason == "length"
+    # Greedy, with the greedy first token made a stop token: it ends at once, unless min_tokens holds it back.
+    first = asyncio.run(rollout.generate(prompt, 1, SamplingConfig(temperature=0.0, max_tokens=8)))[0].logprobs[0]
+    best = asyncio.run(rollout.generate(prompt, 1, SamplingConfig(temperature=0.0, max_tokens=1)))[0].response_ids[0]
+    stopped = asyncio.run(rollout.generate(prompt, 1, SamplingConfig(temperature=0.0, stop_token_ids=[best])))[0]
+    assert stopped.response_ids == [best] and stopped.finish_reason == "stop"
+    held = SamplingConfig(temperature=0.0, max_tokens=8, stop_token_ids=[best], min_tokens=3)
+    sample = asyncio.run(rollout.generate(prompt, 1, held))[0]
+    assert best not in sample.response_ids[:3] and len(sample.response_ids) >= 3
+    # The log-prob of a token drawn with the stops (this one and eos) masked is the model's, renormalised over the
+    # tokens left.
+    raw = asyncio.run(rollout.compute_logprobs_of(prompt, sample.response_ids[:1]))[0]
+    eos = asyncio.run(rollout.compute_logprobs_of(prompt, [EOS]))[0]
+    assert sample.logprobs[0] == pytest.approx(raw - math.log1p(-math.exp(first) - math.exp(eos)), abs=1e-5)
+
+
 def test_max_model_len_caps_responses_and_rejects_long_prompts(tiny_model_path: str) -> None:
     rollout = make_rollout(tiny_model_path, max_model_len=9, sampling=SamplingConfig(temperature=0.0, max_tokens=50))
     prompt = encode("23+45=")
@@ -240,6 +263,7 @@ def test_max_model_len_caps_responses_and_rejects_long_prompts(tiny_model_path: 
         ([3, 4], 1, SamplingConfig(top_p=0.0), "top_p"),
         ([3, 4], 1, SamplingConfig(top_k=-2), "top_k"),
         ([3, 4], 1, SamplingConfig(max_tokens=0), "max_tokens"),
+        ([3, 4], 1, SamplingConfig(max_tokens=4, min_tokens=5), "min_tokens"),
     ],
 )
 def test_invalid_requests_fail_with_the_value(
