@@ -9,6 +9,11 @@ with recompute_old_logprobs=false), and it reports the entropy the trainer repor
 
     python scripts/bench_step.py                        # the default recipe (recipe=grpo), 12 steps each
     python scripts/bench_step.py --steps 20 --only plain,vllm roles.rollout.max_num_seqs=512
+    python scripts/bench_step.py --workload gen-bound   # a 19M-parameter random Qwen2, 8 x 8 x 128 tokens
+
+The gen-bound workload is where the engine must pay for itself: a random-init model of about 20M parameters, with
+eos masked (sampling.min_tokens = max_tokens) so every response runs to the 128-token cap; it also prints generated
+tokens/s per system.
 
 Prints, per system, the median step and the median generation and update phases over the steps after the first
 two (warm-up), and each step's ratio to the plain loop's.
@@ -41,6 +46,30 @@ from rlmesh.reward.registry import default_compute_score  # noqa: E402
 
 WARMUP_STEPS = 2  # first allocations, lazy imports, the engines' first batches
 SYSTEMS = ("plain", "hf", "vllm")
+# 8 prompts x 8 samples x 128 tokens on a random 19M-parameter Qwen2 (8 layers, hidden 384, MLP 1536).
+GEN_BOUND_MODEL = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=6)
+GEN_BOUND_MODEL |= dict(num_key_value_heads=6, max_position_embeddings=256)
+GEN_BOUND_TOKENS = 128
+GEN_BOUND = [
+    "data.train_batch_size=8",
+    "roles.rollout.n=8",
+    f"roles.rollout.sampling.max_tokens={GEN_BOUND_TOKENS}",
+    f"roles.rollout.sampling.min_tokens={GEN_BOUND_TOKENS}",
+    f"roles.rollout.max_model_len={GEN_BOUND_TOKENS + 32}",
+    "roles.trainer.ppo_mini_batch_size=8",
+    "roles.trainer.ppo_micro_batch_size_per_device=64",
+]
+
+
+def gen_bound_model(folder: Path) -> Path:
+    """The gen-bound workload's random-init model, saved in HF layout with the tiny character tokenizer."""
+    from rlmesh.models.tiny import build_char_tokenizer, build_tiny_qwen2, save_tiny_model
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.model_max_length = GEN_BOUND_MODEL["max_position_embeddings"]
+    model = build_tiny_qwen2(tokenizer, seed=0, **GEN_BOUND_MODEL)
+    print(f"gen-bound model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", flush=True)
+    return save_tiny_model(model, tokenizer, folder / "gen-bound-model")
 
 
 def compose(overrides: list[str]) -> Any:
@@ -91,6 +120,7 @@ def plain_loop(cfg: RlmeshConfig, steps: int) -> list[dict[str, float]]:
                 top_k=0,
                 top_p=1.0,
                 max_new_tokens=sampling.max_tokens,
+                min_new_tokens=sampling.min_tokens or None,
                 num_return_sequences=n,
                 pad_token_id=pad,
                 eos_token_id=eos,
@@ -100,6 +130,7 @@ def plain_loop(cfg: RlmeshConfig, steps: int) -> list[dict[str, float]]:
         is_eos = (responses == eos).long()
         response_mask = (torch.cumsum(is_eos, dim=1) - is_eos == 0).float()
         timing["gen"] = time.perf_counter() - t
+        timing["generated_tokens"] = float(response_mask.sum())
         # reward
         t = time.perf_counter()
         scores = torch.zeros(len(responses))
@@ -152,9 +183,11 @@ def plain_loop(cfg: RlmeshConfig, steps: int) -> list[dict[str, float]]:
         optimizer.zero_grad(set_to_none=True)
         timing["update_actor"] = time.perf_counter() - t
         timing["step"] = time.perf_counter() - started
+        tokens = timing.pop("generated_tokens")
         history.append(
             {f"timing_s/{k}": v for k, v in timing.items()}
             | {"critic/score/mean": float(scores.mean()), "actor/entropy": float(entropy_sum) / total_tokens}
+            | {"response_length/mean": tokens / len(responses)}
         )
     return history
 
@@ -181,16 +214,22 @@ def rlmesh_run(overrides: list[str], steps: int) -> list[dict[str, float]]:
     return [m for m in map(json.loads, lines) if "timing_s/step" in m]
 
 
-def medians(history: list[dict[str, float]]) -> dict[str, float]:
+def medians(history: list[dict[str, float]], samples: int) -> dict[str, float]:
     kept = history[WARMUP_STEPS:]
     keys = ("step", "gen", "update_actor", "reward")
-    return {key: statistics.median(m[f"timing_s/{key}"] for m in kept) for key in keys}
+    result = {key: statistics.median(m[f"timing_s/{key}"] for m in kept) for key in keys}
+    # generated tokens per second of the generation phase, each step's own, then the median
+    result["gen_tokens_per_s"] = statistics.median(
+        m["response_length/mean"] * samples / m["timing_s/gen"] for m in kept
+    )
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--only", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    parser.add_argument("--workload", choices=("default", "gen-bound"), default="default")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every system (the plain loop reads them)")
     args = parser.parse_args()
     chosen = [s for s in args.only.split(",") if s]
@@ -198,25 +237,30 @@ def main() -> None:
         parser.error(f"--only: unknown system(s) {sorted(unknown)}; choose from {list(SYSTEMS)}")
     if args.steps <= WARMUP_STEPS:
         parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps")
-    results: dict[str, dict[str, float]] = {}
-    for system in chosen:
-        started = time.perf_counter()
-        if system == "plain":
-            typed: RlmeshConfig = OmegaConf.to_object(compose(args.overrides))  # type: ignore[assignment]
-            history = plain_loop(typed, args.steps)
-        else:
-            history = rlmesh_run([f"rollout={system}", *args.overrides], args.steps)
-        results[system] = medians(history)
-        print(f"{system}: {args.steps} steps in {time.perf_counter() - started:.1f}s (with start-up)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = list(args.overrides)
+        if args.workload == "gen-bound":
+            overrides = [f"model.path={gen_bound_model(Path(tmp))}", *GEN_BOUND, *overrides]
+        typed: RlmeshConfig = OmegaConf.to_object(compose(overrides))  # type: ignore[assignment]
+        samples = typed.data.train_batch_size * typed.roles.rollout.n
+        results: dict[str, dict[str, float]] = {}
+        for system in chosen:
+            started = time.perf_counter()
+            if system == "plain":
+                history = plain_loop(typed, args.steps)
+            else:
+                history = rlmesh_run([f"rollout={system}", *overrides], args.steps)
+            results[system] = medians(history, samples)
+            print(f"{system}: {args.steps} steps in {time.perf_counter() - started:.1f}s (with start-up)", flush=True)
     base = results.get("plain", {}).get("step")
-    print(f"\nmedian over steps {WARMUP_STEPS + 1}-{args.steps} (s)")
-    print(f"{'system':<14}{'step':>8}{'gen':>8}{'update':>8}{'reward':>8}{'step / plain':>14}")
+    span = f"steps {WARMUP_STEPS + 1}-{args.steps}"
+    print(f"\n{args.workload} workload, {samples} samples a step; median over {span} (s)")
+    print(f"{'system':<14}{'step':>8}{'gen':>8}{'update':>8}{'reward':>8}{'gen tok/s':>11}{'step / plain':>14}")
     names = {"plain": "plain loop", "hf": "rlmesh hf", "vllm": "rlmesh vllm"}
     for system, m in results.items():
         ratio = f"{m['step'] / base:.2f}x" if base else "-"
-        print(
-            f"{names[system]:<14}{m['step']:>8.3f}{m['gen']:>8.3f}{m['update_actor']:>8.3f}{m['reward']:>8.3f}{ratio:>14}"
-        )
+        phases = f"{m['step']:>8.3f}{m['gen']:>8.3f}{m['update_actor']:>8.3f}{m['reward']:>8.3f}"
+        print(f"{names[system]:<14}{phases}{m['gen_tokens_per_s']:>11,.0f}{ratio:>14}")
 
 
 if __name__ == "__main__":
