@@ -47,8 +47,14 @@ from rlmesh.reward.registry import default_compute_score  # noqa: E402
 WARMUP_STEPS = 2  # first allocations, lazy imports, the engines' first batches
 SYSTEMS = ("plain", "hf", "vllm")
 # 8 prompts x 8 samples x 128 tokens on a random 19M-parameter Qwen2 (8 layers, hidden 384, MLP 1536).
-GEN_BOUND_MODEL = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=6)
-GEN_BOUND_MODEL |= dict(num_key_value_heads=6, max_position_embeddings=256)
+GEN_BOUND_MODEL = {
+    "hidden_size": 384,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 6,
+    "max_position_embeddings": 256,
+}
 GEN_BOUND_TOKENS = 128
 GEN_BOUND = [
     "data.train_batch_size=8",
@@ -130,7 +136,7 @@ def plain_loop(cfg: RlmeshConfig, steps: int) -> list[dict[str, float]]:
         is_eos = (responses == eos).long()
         response_mask = (torch.cumsum(is_eos, dim=1) - is_eos == 0).float()
         timing["gen"] = time.perf_counter() - t
-        timing["generated_tokens"] = float(response_mask.sum())
+        generated = float(response_mask.sum())
         # reward
         t = time.perf_counter()
         scores = torch.zeros(len(responses))
@@ -183,11 +189,10 @@ def plain_loop(cfg: RlmeshConfig, steps: int) -> list[dict[str, float]]:
         optimizer.zero_grad(set_to_none=True)
         timing["update_actor"] = time.perf_counter() - t
         timing["step"] = time.perf_counter() - started
-        tokens = timing.pop("generated_tokens")
         history.append(
             {f"timing_s/{k}": v for k, v in timing.items()}
             | {"critic/score/mean": float(scores.mean()), "actor/entropy": float(entropy_sum) / total_tokens}
-            | {"response_length/mean": tokens / len(responses)}
+            | {"response_length/mean": generated / len(responses)}
         )
     return history
 

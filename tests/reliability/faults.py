@@ -110,12 +110,11 @@ class FaultyVLLMRollout(VLLMRollout):
         after = plan().get("kill_engine_after")
         if after is not None and cls.received >= after and fire_once("engine"):
             record("engine_killed", in_flight=cls.unanswered)
-            # Die with this request inside the engine and unanswered. A timer that killed the process 50 ms later
-            # raced the engine: once it answered tiny requests that fast, nothing was left in flight to retry.
-            inside = asyncio.ensure_future(super().generate(prompt_ids, n, sampling, seed))
-            await asyncio.sleep(0.01)
+            # Die with this request submitted and never answered. A timer that killed the process 50 ms later raced
+            # the engine: once it answered tiny requests that fast, nothing was left in flight to retry.
+            submitted = asyncio.ensure_future(super().generate(prompt_ids, n, sampling, seed))
+            await asyncio.wait([submitted], timeout=0.01)
             die()
-            await inside  # not reached: SIGKILL
         samples = await super().generate(prompt_ids, n, sampling, seed)
         cls.unanswered -= 1
         record("served", seed=seed, prompt=list(prompt_ids), versions=[s.weight_version for s in samples])

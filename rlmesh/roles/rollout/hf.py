@@ -395,8 +395,10 @@ class HFRollout:
         next_positions = positions[:, -1] + 1
         active = list(rows)
         settings = self._row_settings(active)
+        holds_stops = any(row.request.sampling.min_tokens for row in rows)
         while True:
-            logits = self._mask_early_stops(logits, active)
+            if holds_stops:
+                logits = self._mask_early_stops(logits, active)
             tokens, logprobs = self._choose_tokens(logits, active, *settings)
             still_active: list[int] = []
             for slot, (row, token, logprob) in enumerate(zip(active, tokens, logprobs, strict=True)):

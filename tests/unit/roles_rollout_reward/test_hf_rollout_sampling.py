@@ -227,8 +227,8 @@ def test_min_tokens_masks_stop_tokens_until_a_response_is_that_long(rollout: HFR
         assert len(sample.response_ids) == 12 and EOS not in sample.response_ids
         assert sample.finish_reason == "length"
     # Greedy, with the greedy first token made a stop token: it ends at once, unless min_tokens holds it back.
-    first = asyncio.run(rollout.generate(prompt, 1, SamplingConfig(temperature=0.0, max_tokens=8)))[0].logprobs[0]
-    best = asyncio.run(rollout.generate(prompt, 1, SamplingConfig(temperature=0.0, max_tokens=1)))[0].response_ids[0]
+    greedy = asyncio.run(rollout.generate(prompt, 1, SamplingConfig(temperature=0.0, max_tokens=1)))[0]
+    best, first = greedy.response_ids[0], greedy.logprobs[0]
     stopped = asyncio.run(rollout.generate(prompt, 1, SamplingConfig(temperature=0.0, stop_token_ids=[best])))[0]
     assert stopped.response_ids == [best] and stopped.finish_reason == "stop"
     held = SamplingConfig(temperature=0.0, max_tokens=8, stop_token_ids=[best], min_tokens=3)
