@@ -9,7 +9,7 @@ import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 import numpy as np
 import ray
@@ -22,7 +22,7 @@ from rlmesh.mesh.dispatch import ShardPlan, concat, split_args, unpad
 from rlmesh.mesh.endpoint import Collect, Dispatch, EndpointSpec, endpoints_of
 from rlmesh.mesh.futures import ActorDiedError, GatheredFuture, MeshFuture, last_line, settle
 from rlmesh.mesh.placement import Placement, PlacementError
-from rlmesh.mesh.routed import HOST_CALL, ActorTable, RoutedCalls, issue, through_host
+from rlmesh.mesh.routed import HOST_CALL, ActorTable, RoutedCalls, issue, pull_cap, through_host
 from rlmesh.mesh.routing import RouterLike, make_router
 from rlmesh.mesh.shape import Shape, ShapeLike, select, slice_by_name
 from rlmesh.mesh.stored import Stored, StoredRows, resolve, resolve_async, split_result, stored_from
@@ -219,7 +219,10 @@ class ActorMesh(Generic[T]):
         placement: an existing Placement to share bundles with another mesh (colocation); `strategy` otherwise.
         router: how `choose` picks: "power_of_two" (default), "least_loaded", "round_robin", "random", "sticky",
             a Router, or a function (load, key) -> position.
-        max_in_flight_per_actor: cap on routed calls per actor; the excess queues in the controller.
+        max_in_flight_per_actor: cap on routed calls per actor; the excess queues in the controller and goes to
+            the first actor with a free slot (pull). "auto" (the default): an actor that runs one call at a time (no
+            async endpoint) holds at most its max_concurrency + 1, so it always has the next call at hand while the
+            rest wait for whichever actor frees first; async actors are not capped. None: no cap (push).
         distributed_env: set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT in each actor for torch.distributed.
         on_restart: controller-side callback (mesh, restarted positions) run before restarted actors take calls.
         auto_restart: restart dead actors in the background when a routed call finds one.
@@ -238,7 +241,7 @@ class ActorMesh(Generic[T]):
         placement: Placement | None = None,
         strategy: str = "PACK",
         router: RouterLike = "power_of_two",
-        max_in_flight_per_actor: int | None = None,
+        max_in_flight_per_actor: int | Literal["auto"] | None = "auto",
         distributed_env: bool = True,
         actor_options: Mapping[str, Any] | None = None,
         on_restart: Callable[[ActorMesh[T], list[int]], None] | None = None,
@@ -263,8 +266,12 @@ class ActorMesh(Generic[T]):
                     f"endpoint {cls.__name__}.{spec.name} shards over {spec.shard_dim!r}, "
                     f"which is not a dimension of shape {self._shape.as_dict()}"
                 )
-        if max_in_flight_per_actor is not None and max_in_flight_per_actor < 1:
-            raise ValueError(f"max_in_flight_per_actor must be >= 1 or None, got {max_in_flight_per_actor}")
+        if max_in_flight_per_actor == "auto":
+            max_in_flight_per_actor = pull_cap(self._specs.values(), actor_options or {})
+        elif max_in_flight_per_actor is not None and (
+            isinstance(max_in_flight_per_actor, str) or max_in_flight_per_actor < 1
+        ):
+            raise ValueError(f"max_in_flight_per_actor must be >= 1, 'auto' or None, got {max_in_flight_per_actor!r}")
         if not ray.is_initialized():
             raise RuntimeError("Ray is not initialized; call ray.init(...) (or rlmesh's cluster setup) before a mesh")
         self._root: ActorMesh[T] = self

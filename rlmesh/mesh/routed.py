@@ -1,5 +1,5 @@
 """Routed (`choose`) calls of one mesh: picking an actor, the in-flight cap's queue, retries on a live actor, waiting
-for an automatic restart, and the dispatcher thread that does the work Ray's completion callbacks must not do."""
+for an automatic restart, and the tracker thread that retires calls nobody is waiting on."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import ray
 from ray.exceptions import ActorDiedError as RayActorDiedError
 
+from rlmesh.mesh.endpoint import EndpointSpec
 from rlmesh.mesh.futures import ActorDiedError, RoutedFuture, last_line
 from rlmesh.mesh.routing import Load, Router
 from rlmesh.mesh.stored import needs_resolving, stored_from
@@ -45,9 +47,23 @@ def issue(
     return method.remote(endpoint, False, None, *args, **kwargs), None
 
 
+def pull_cap(endpoints: Iterable[EndpointSpec], actor_options: Mapping[str, Any]) -> int | None:
+    """The default in-flight cap: an actor that runs calls one (or max_concurrency) at a time gets one more, the
+    next call at hand, and the rest wait in the controller for the first actor that frees (pull, not push: a call
+    pushed behind a long one waits for it even when another actor is idle). Async actors run many calls at once, so
+    they are not capped."""
+    if any(spec.is_async for spec in endpoints):
+        return None
+    return int(actor_options.get("max_concurrency", 1)) + 1
+
+
 log = logging.getLogger(__name__)
 
 _MAX_CHOOSE_ATTEMPTS = 3
+# How often the tracker looks for finished calls that no waiter has retired yet: with a queue behind the in-flight
+# cap, and without one. Waiters retire their own calls at once, so the tracker only bounds how stale counts get.
+_TRACK_QUEUED_S = 0.005
+_TRACK_IDLE_S = 0.05
 
 
 class ActorTable:
@@ -105,6 +121,12 @@ class RoutedCalls:
         self._name, self._router, self._cap, self._auto_restart = name, router, cap, auto_restart
         self._table, self._describe, self._restart = table, describe, restart
         self._queue: deque[RoutedCall] = deque()
+        # Issued calls not yet retired, by result ref: (position, generation). Retiring one (its waiter got the
+        # result, or the tracker saw it finish) frees its in-flight slot; one Ray completion callback per call
+        # instead cost a third of the pipelined call rate (GIL handoffs with Ray's completion thread).
+        self._issued: dict[Any, tuple[int, int]] = {}
+        self._tracker: threading.Thread | None = None
+        self._track_now = threading.Event()
         self._work: queue.SimpleQueue[Callable[[], None] | None] | None = None
         self._restarting = False
         self._closed: BaseException | None = None  # set by close(): no more calls, restarts or dispatcher work
@@ -122,7 +144,7 @@ class RoutedCalls:
         summary: Callable[[Any], Any] | None = None,
     ) -> RoutedFuture[Any]:
         """Issue a call on one of `candidates` (positions), or queue it until one can take it."""
-        future: RoutedFuture[Any] = RoutedFuture(lambda fut, err: self._retry(call, err))
+        future: RoutedFuture[Any] = RoutedFuture(lambda fut, err: self._retry(call, err), self._retire)
         call = RoutedCall(method, args, kwargs, key, retry, candidates, future, in_store, summary)
         if self._closed is not None:
             future.failed(self._closed)
@@ -144,6 +166,7 @@ class RoutedCalls:
             self._queue.clear()
         if work is not None:
             work.put(None)
+        self._track_now.set()
         for call in queued:
             call.future.failed(error)
 
@@ -166,17 +189,24 @@ class RoutedCalls:
         with table.lock:
             if self._queue and not from_queue:
                 self._queue.append(call)
+                call.future.queued()
                 return False
             pos = self._pick(call)
             waits_for_restart = pos is None and not any(table.alive[p] for p in call.candidates)
             if pos is None:
                 if not from_queue:
                     self._queue.append(call)
+                    call.future.queued()
             elif pos != -1:
                 table.in_flight[pos] += 1
                 host = through_host(call.in_store, call.args, call.kwargs)
                 method = table.method(HOST_CALL if host else call.method, pos)
                 generation = table.generation[pos]
+                # issued under the lock so the tracker never sees a slot taken by a call it cannot find
+                ref, body = issue(method, call.method, host, call.in_store, call.summary, call.args, call.kwargs)
+                self._issued[ref] = (pos, generation)
+                if self._tracker is None:
+                    self._start_tracker()
         if pos is None:
             if waits_for_restart:  # e.g. the only engine died: make sure a replacement is on its way
                 self._post(self._restart_in_background)
@@ -187,24 +217,51 @@ class RoutedCalls:
             )
             return True
         call.position, call.generation = pos, generation
-        ref, body = issue(method, call.method, host, call.in_store, call.summary, call.args, call.kwargs)
         call.future.issued(ref, None if body is None else partial(stored_from, body=body))
-        ref.future().add_done_callback(lambda f: self._on_done(pos, generation, f))
         return True
 
-    def _on_done(self, pos: int, generation: int, done: Any) -> None:
-        """Completion callback (Ray's thread): keep the in-flight count and liveness; waiters handle results.
-        A call of an actor that has since been replaced counts for neither the count nor the liveness."""
+    def _retire(self, ref: Any, error: BaseException | None) -> None:
+        """A call finished (`error` if it raised): free its slot, note a dead actor, and let queued calls go. Called
+        by its waiter or the tracker, whichever is first; a call of an actor since replaced counts for neither the
+        count nor the liveness."""
         table = self._table()
         with table.lock:
+            entry = self._issued.pop(ref, None)
+            if entry is None:
+                return
+            pos, generation = entry
             current = table.generation[pos] == generation
             if current:
                 table.in_flight[pos] -= 1
             queued = bool(self._queue)
-        if current and isinstance(done.exception(), RayActorDiedError):
+        if current and isinstance(error, RayActorDiedError):
             self._mark_dead(pos, generation)
         if queued:
-            self._post(self._drain)
+            self._drain()
+
+    def _start_tracker(self) -> None:  # under the table lock
+        self._tracker = threading.Thread(target=self._track, name=f"rlmesh-track-{self._name}", daemon=True)
+        self._tracker.start()
+
+    def _track(self) -> None:
+        """Retire finished calls that no waiter has: fire-and-forget calls, and results read late or out of order.
+        It looks only at calls issued before its last look, with one non-blocking ray.wait, so it never races a
+        waiter for a fresh result."""
+        table = self._table()
+        seen: list[Any] = []
+        while self._closed is None:
+            with table.lock:
+                queued = bool(self._queue)
+            self._track_now.wait(_TRACK_QUEUED_S if queued else _TRACK_IDLE_S)
+            self._track_now.clear()
+            with table.lock:
+                older = [ref for ref in seen if ref in self._issued]
+                seen = list(self._issued)
+            if not older:
+                continue
+            done, _ = ray.wait(older, num_returns=len(older), timeout=0, fetch_local=False)
+            for ref in done:
+                self._retire(ref, _error_of(ref))
 
     def _mark_dead(self, pos: int, generation: int) -> None:
         table = self._table()
@@ -233,7 +290,7 @@ class RoutedCalls:
         call.future.new_attempt()
         self._submit(call, from_queue=False)
 
-    def _drain(self) -> None:  # on the dispatcher thread
+    def _drain(self) -> None:  # by whichever thread retired a call, or the dispatcher after a restart
         while True:
             with self._table().lock:
                 if not self._queue:
@@ -272,7 +329,7 @@ class RoutedCalls:
             )
 
     def _post(self, work: Callable[[], None]) -> None:
-        """Run `work` on the mesh's dispatcher thread: Ray completion callbacks must not submit calls themselves."""
+        """Run `work` (a restart, or draining after one) on the mesh's dispatcher thread, off the caller's."""
         with self._table().lock:
             if self._closed is not None:
                 return  # the mesh was shut down: nothing is left to drain or restart
@@ -283,6 +340,15 @@ class RoutedCalls:
                 ).start()
             pending = self._work
         pending.put(work)
+
+
+def _error_of(ref: Any) -> BaseException | None:
+    """The error a finished call raised, or None."""
+    try:
+        ray.get(ref, timeout=0)
+    except Exception as err:
+        return err
+    return None
 
 
 def _dispatcher(work: queue.SimpleQueue[Callable[[], None] | None]) -> None:

@@ -140,6 +140,32 @@ def test_in_flight_cap_queues_in_the_controller(ray_cluster):
         mesh.shutdown()
 
 
+def test_a_sync_mesh_pulls_by_default_and_calls_nobody_waits_on_free_their_slots(ray_cluster):
+    mesh = ActorMesh(Worker, 2, resources={"CPU": 0.25}, name="pull")
+    try:
+        # a sync actor runs one call at a time: it holds that one and the next, the rest wait in the controller
+        futs = [mesh.sleep.choose(0.1) for _ in range(8)]
+        assert mesh.in_flight() == [2, 2]
+        # nobody waits on these: the tracker retires them as they finish, so the queued ones get slots and run
+        deadline = time.monotonic() + 20
+        while not all(f.done() for f in futs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(f.done() for f in futs)
+        while any(mesh.in_flight()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert mesh.in_flight() == [0, 0]
+        assert {f.result(timeout=1) for f in futs} == {0, 1}
+    finally:
+        mesh.shutdown()
+    pushed = ActorMesh(Worker, 2, resources={"CPU": 0.25}, name="push", max_in_flight_per_actor=None)
+    try:
+        futs = [pushed.sleep.choose(0.05) for _ in range(8)]
+        assert sum(pushed.in_flight()) == 8  # push: every call goes to an actor at once
+        wait_all(futs, timeout=30)
+    finally:
+        pushed.shutdown()
+
+
 def test_sticky_routing_keeps_a_key_on_one_actor(ray_cluster):
     mesh = ActorMesh(Worker, 3, resources={"CPU": 0.25}, name="sticky", router="sticky")
     try:

@@ -204,3 +204,13 @@ def test_an_undecorated_override_stays_an_endpoint_with_the_base_options():
 
     spec = endpoints_of(Timed)["run"]
     assert spec.idempotent is False and spec.is_async
+
+
+def test_the_default_cap_pulls_for_actors_that_run_calls_one_at_a_time():
+    from rlmesh.mesh.endpoint import endpoints_of
+    from rlmesh.mesh.routed import pull_cap
+    from tests.integration.mesh_actors import AsyncWorker, Worker
+
+    assert pull_cap(endpoints_of(Worker).values(), {}) == 2
+    assert pull_cap(endpoints_of(Worker).values(), {"max_concurrency": 4}) == 5
+    assert pull_cap(endpoints_of(AsyncWorker).values(), {}) is None  # runs many at once: no cap
