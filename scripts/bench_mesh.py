@@ -107,11 +107,15 @@ def bench_calls(quick: bool) -> None:
         wait_all([mesh.noop.choose() for _ in range(n)])
 
     pushed = ActorMesh(Server, 8, resources={"CPU": 0.1}, name="pushed", max_in_flight_per_actor=None)
+    pushed_rotation = itertools.cycle(pushed.actors)
+
+    def raw_pushed_pipe() -> None:  # raw Ray on the push mesh's own actors
+        ray.get([next(pushed_rotation).noop.remote() for _ in range(n)])
 
     def push_pipe() -> None:
         wait_all([pushed.noop.choose() for _ in range(n)])
 
-    raw_p, mesh_p = paired(raw_pipe, push_pipe, rounds, 1)
+    raw_p, mesh_p = paired(raw_pushed_pipe, push_pipe, rounds, 1)
     row(f"choose() pipelined, {n} calls, push", raw_p, mesh_p, "", "<= 1.2x")
     print(f"{'  throughput, push':<44} {n / raw_p:>10.0f} {n / mesh_p:>10.0f}  calls/s   target >= 3000/s")
     # Pull (the default for one-call-at-a-time actors) holds two calls per actor: right for calls of uneven length
@@ -200,30 +204,22 @@ def bench_routing(quick: bool) -> None:
     windows = {"all at once": calls, "window 16 (2/actor)": 16}
     print(f"{'router':<34}" + "".join(f"{w:>26}" for w in windows))
     results: dict[str, dict[str, float]] = {}
-    floor = ActorMesh(Server, actors, resources={"CPU": 0.1}, name="route")
-    floor.noop.all().result()
-    results["raw Ray pull (floor)"] = {}
-    for wname, window in windows.items():
-        t0 = time.perf_counter()
-        asyncio.run(raw_pull(floor.actors, durations, window))
-        results["raw Ray pull (floor)"][wname] = time.perf_counter() - t0
-    floor.shutdown()
-    cells = "".join(
-        f"{results['raw Ray pull (floor)'][w]:>9.3f}s {results['raw Ray pull (floor)'][w] / bound:>5.2f}xLB"
-        for w in windows
-    )
-    print(f"{'raw Ray pull (floor)':<34}{cells}")
-    for name, options in configs:
+
+    def measure(name: str, run: Callable[[ActorMesh[Server], int], Any], options: dict) -> None:
         mesh = ActorMesh(Server, actors, resources={"CPU": 0.1}, name="route", **options)
         mesh.noop.all().result()
         results[name] = {}
         for wname, window in windows.items():
             t0 = time.perf_counter()
-            asyncio.run(closed_loop(mesh, durations, window))
+            asyncio.run(run(mesh, window))
             results[name][wname] = time.perf_counter() - t0
         mesh.shutdown()
         cells = "".join(f"{results[name][w]:>9.3f}s {results[name][w] / bound:>5.2f}xLB" for w in windows)
         print(f"{name:<34}{cells}")
+
+    measure("raw Ray pull (floor)", lambda mesh, window: raw_pull(mesh.actors, durations, window), {})
+    for name, options in configs:
+        measure(name, lambda mesh, window: closed_loop(mesh, durations, window), options)
     for wname in windows:
         default, push_p2, rand = (
             results[name][wname]

@@ -122,7 +122,8 @@ class RoutedFuture(MeshFuture[R]):
         settled: Callable[[ray.ObjectRef, BaseException | None], None] = lambda ref, err: None,
     ) -> None:
         # The ObjectRef of this try: _Issued when the call went out before anyone could wait on it (no Condition to
-        # build, a sixth of a pipelined call's cost), else a Future set when the mesh issues it (queued, retried).
+        # build: 0.06 ms of a pipelined call, by cProfile), else a Future set when the mesh issues it (queued,
+        # retried) or fails it.
         self._attempt: Any = None
         self._retry = retry
         self._settled = settled
@@ -148,7 +149,7 @@ class RoutedFuture(MeshFuture[R]):
         self._value = value if self._finish_attempt is None else self._finish_attempt(value)
 
     def failed(self, err: BaseException) -> None:
-        self.queued()
+        self.queued()  # a call failed at submission was never issued: it needs a Future to carry the error
         if not self._attempt.done():
             self._attempt.set_exception(err)
 
@@ -179,12 +180,8 @@ class RoutedFuture(MeshFuture[R]):
                 value = ray.get(ref, timeout=remaining)
             except GetTimeoutError:
                 raise TimeoutError(f"routed call did not finish within {timeout}s") from None
-            except RayActorError as err:
-                self._settled(ref, err)
-                self._retry_once(attempt, err)
             except BaseException as err:
-                self._settled(ref, err)
-                raise
+                self._attempt_failed(attempt, ref, err)
             else:
                 self._settled(ref, None)
                 self._finish(value)
@@ -199,22 +196,22 @@ class RoutedFuture(MeshFuture[R]):
             ref = attempt.result() if isinstance(attempt, _Issued) else await asyncio.wrap_future(attempt)
             try:
                 value = await ref
-            except RayActorError as err:
-                self._settled(ref, err)
-                self._retry_once(attempt, err)
             except asyncio.CancelledError:
                 raise  # the call still runs: the tracker retires it
             except BaseException as err:
-                self._settled(ref, err)
-                raise
+                self._attempt_failed(attempt, ref, err)
             else:
                 self._settled(ref, None)
                 self._finish(value)
         return self._value
 
-    def _retry_once(self, failed: concurrent.futures.Future[Any], err: BaseException) -> None:
+    def _attempt_failed(self, attempt: Any, ref: ray.ObjectRef, err: BaseException) -> None:
+        """The attempt raised: tell the mesh, then re-issue it if its actor died, else raise the call's error."""
+        self._settled(ref, err)
+        if not isinstance(err, RayActorError):
+            raise err
         with self._lock:
-            if self._attempt is failed:  # another waiter may have re-issued it already
+            if self._attempt is attempt:  # another waiter may have re-issued it already
                 self._retry(self, err)
 
 

@@ -204,6 +204,8 @@ class RoutedCalls:
                 generation = table.generation[pos]
                 # issued under the lock so the tracker never sees a slot taken by a call it cannot find
                 ref, body = issue(method, call.method, host, call.in_store, call.summary, call.args, call.kwargs)
+                if not self._issued:
+                    self._track_now.set()  # the tracker sleeps while nothing is in flight
                 self._issued[ref] = (pos, generation)
                 if self._tracker is None:
                     self._start_tracker()
@@ -251,8 +253,9 @@ class RoutedCalls:
         seen: list[Any] = []
         while self._closed is None:
             with table.lock:
-                queued = bool(self._queue)
-            self._track_now.wait(_TRACK_QUEUED_S if queued else _TRACK_IDLE_S)
+                idle = not self._issued and not seen
+                tick = _TRACK_QUEUED_S if self._queue else _TRACK_IDLE_S
+            self._track_now.wait(None if idle else tick)
             self._track_now.clear()
             with table.lock:
                 older = [ref for ref in seen if ref in self._issued]

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from rlmesh.mesh.dispatch import concat, split_args, unpad
+from rlmesh.mesh.endpoint import endpoints_of
+from rlmesh.mesh.routed import pull_cap
 from rlmesh.mesh.routing import (
     LeastLoadedRouter,
     Load,
@@ -19,6 +21,7 @@ from rlmesh.mesh.routing import (
     make_router,
 )
 from rlmesh.mesh.shape import Shape, select, slice_by_name
+from tests.integration.mesh_actors import AsyncWorker, Worker
 
 
 def test_shape_forms_and_product():
@@ -191,7 +194,7 @@ def test_power_of_two_beats_random_on_skewed_loads_in_simulation():
 
 
 def test_an_undecorated_override_stays_an_endpoint_with_the_base_options():
-    from rlmesh.mesh.endpoint import endpoint, endpoints_of
+    from rlmesh.mesh.endpoint import endpoint
 
     class Base:
         @endpoint(idempotent=False)
@@ -207,10 +210,6 @@ def test_an_undecorated_override_stays_an_endpoint_with_the_base_options():
 
 
 def test_the_default_cap_pulls_for_actors_that_run_calls_one_at_a_time():
-    from rlmesh.mesh.endpoint import endpoints_of
-    from rlmesh.mesh.routed import pull_cap
-    from tests.integration.mesh_actors import AsyncWorker, Worker
-
     assert pull_cap(endpoints_of(Worker).values(), {}) == 2
     assert pull_cap(endpoints_of(Worker).values(), {"max_concurrency": 4}) == 5
     assert pull_cap(endpoints_of(AsyncWorker).values(), {}) is None  # runs many at once: no cap
