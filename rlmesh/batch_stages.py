@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from rlmesh.algo import apply_kl_penalty, get_advantage_estimator
+from rlmesh.algo import apply_kl_penalty, get_advantage_estimator, rollout_correction
 from rlmesh.data import Batch
 from rlmesh.metrics import data_metrics, reward_metrics, rollout_probs_diff_metrics
 
@@ -61,6 +61,7 @@ class UpdateSettings:
     lam: float
     norm_adv_by_std: bool
     recompute_old_logprobs: bool
+    rollout_correction: Mapping[str, Any]  # rollout_correction's keyword settings (RolloutCorrectionConfig)
     max_response_length: int
     max_prompt_length: int
 
@@ -69,14 +70,31 @@ def prepare_update(batch: Batch, settings: UpdateSettings) -> tuple[Batch, dict[
     """From the merged step batch (generations, rewards, reference/old log-probs, values) to the fields the updates
     add: old_logprobs (the rollout's, unless recomputed), token_level_rewards (KL-penalised with use_kl_in_reward),
     advantages and returns. The metrics are the step's batch metrics under verl's names, among them
-    actor/reward_kl_penalty (the KL the controller's KL controller takes) and perf/total_num_tokens."""
+    actor/reward_kl_penalty (the KL the controller's KL controller takes) and perf/total_num_tokens.
+
+    The rollout correction: with recomputed old log-probs (decoupled mode) it runs here on pi_old / pi_rollout, adds
+    rollout_is_weights and, when it rejects, a response_mask without the rejected tokens (for the updates only: the
+    batch metrics count every generated token), and its rollout_corr/ metrics. In bypass mode the old policy is the
+    rollout's, so meta["rollout_correction"] asks the policy trainer to apply it against its current policy."""
     metrics: dict[str, float] = {}
     added: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    response_mask = batch["response_mask"]
+    kept: torch.Tensor | None = None
     if settings.recompute_old_logprobs:  # how well the engine agrees with the trainer on the same weights
-        metrics |= rollout_probs_diff_metrics(batch["old_logprobs"], batch["rollout_logprobs"], batch["response_mask"])
         old_logprobs = batch["old_logprobs"]
+        metrics |= rollout_probs_diff_metrics(old_logprobs, batch["rollout_logprobs"], response_mask)
+        corrected = rollout_correction(
+            old_logprobs, batch["rollout_logprobs"], response_mask, **settings.rollout_correction
+        )
+        metrics |= corrected.metrics
+        if corrected.weights is not None:
+            added["rollout_is_weights"] = corrected.weights
+        if settings.rollout_correction.get("rollout_rs") is not None:
+            kept = corrected.keep.to(response_mask.dtype)
     else:
         old_logprobs = added["old_logprobs"] = batch["rollout_logprobs"]
+        meta["rollout_correction"] = dict(settings.rollout_correction)
     rewards = batch["token_level_scores"]
     if settings.use_kl_in_reward:
         rewards, mean_kl = apply_kl_penalty(
@@ -102,11 +120,13 @@ def prepare_update(batch: Batch, settings: UpdateSettings) -> tuple[Batch, dict[
         norm_adv_by_std=settings.norm_adv_by_std,
     )
     added |= {"token_level_rewards": rewards, "advantages": advantages, "returns": returns}
-    update = Batch(added)
+    update = Batch(added, meta=meta)
     merged = Batch.merge([batch, update])
     metrics |= reward_metrics(merged)
     metrics |= data_metrics(
         merged, max_response_length=settings.max_response_length, max_prompt_length=settings.max_prompt_length
     )
     metrics["perf/total_num_tokens"] = float(merged["attention_mask"].sum().item())
+    if kept is not None:
+        update["response_mask"] = kept
     return update, metrics

@@ -215,6 +215,21 @@ class DynamicSamplingConfig:
 
 
 @dataclass
+class RolloutCorrectionConfig:
+    """Corrects for training on samples the rollout engine drew (verl's algorithm.rollout_correction keys and
+    rollout_corr/ metrics; rlmesh.algo.rollout_correction has the formulas). The mismatch metrics are logged with
+    everything off. Decoupled mode (recompute_old_logprobs=true) weights and rejects by pi_old / pi_rollout before
+    the update; bypass mode (false, verl's bypass_mode) rejects by pi_theta / pi_rollout in the loss, where the PPO
+    ratio already is the importance ratio, so it takes no rollout_is."""
+
+    rollout_is: str | None = None  # token | sequence: importance weights on the policy loss, truncated (TIS)
+    rollout_is_threshold: float = 2.0  # the truncation cap C
+    rollout_rs: str | None = None  # token (IcePop) | sequence (MIS) | geometric: reject outside [lower, upper]
+    rollout_rs_threshold: float | None = None  # upper; None = rollout_is_threshold
+    rollout_rs_threshold_lower: float | None = None  # None = 1 / upper
+
+
+@dataclass
 class AlgorithmConfig:
     adv_estimator: str = "grpo"  # gae | grpo | rloo | reinforce_plus_plus | reinforce_plus_plus_baseline | remax | opo
     gamma: float = 1.0
@@ -228,6 +243,7 @@ class AlgorithmConfig:
     kl_penalty: str = "kl"  # k1/kl | k2/mse | k3/low_var_kl | abs
     kl_ctrl: KLControlConfig = field(default_factory=KLControlConfig)
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
 
 @dataclass

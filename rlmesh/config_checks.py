@@ -6,8 +6,17 @@ import importlib.util
 import math
 from pathlib import Path
 
-from rlmesh.algo import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, estimator_needs
-from rlmesh.config import RlmeshConfig, check_model_path, looks_like_hub_name
+from rlmesh.algo import (
+    ADVANTAGE_ESTIMATORS,
+    IS_LEVELS,
+    KL_ESTIMATORS,
+    LOSS_AGG_MODES,
+    POLICY_LOSSES,
+    RS_LEVELS,
+    estimator_needs,
+    rs_bounds,
+)
+from rlmesh.config import AlgorithmConfig, RlmeshConfig, check_model_path, looks_like_hub_name
 from rlmesh.plan import Report, RunPlan, plan_roles
 
 
@@ -51,6 +60,8 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
             bad(key, kind, "unknown KL estimator", f"use one of {sorted(KL_ESTIMATORS)}")
     if algo.kl_ctrl.type not in ("fixed", "adaptive"):
         bad("algorithm.kl_ctrl.type", algo.kl_ctrl.type, "unknown KL controller", "use fixed or adaptive")
+
+    _check_rollout_correction(bad, algo)
 
     needs = estimator_needs(algo.adv_estimator)  # declared where the estimator is registered
     use_critic = critic.enable if critic.enable is not None else needs.values
@@ -211,6 +222,44 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
     if problems:
         raise ConfigError(problems)
     return RunPlan(device, use_critic, use_reference, specs, data.train_batch_size * rollout.n, weight_sync)
+
+
+def _check_rollout_correction(bad: Report, algo: AlgorithmConfig) -> None:
+    correction, key = algo.rollout_correction, "algorithm.rollout_correction"
+    if correction.rollout_is is not None and correction.rollout_is not in IS_LEVELS:
+        bad(f"{key}.rollout_is", correction.rollout_is, "unknown level", f"use one of {list(IS_LEVELS)} or null")
+    if correction.rollout_rs is not None and correction.rollout_rs not in RS_LEVELS:
+        bad(f"{key}.rollout_rs", correction.rollout_rs, "unknown level", f"use one of {list(RS_LEVELS)} or null")
+    threshold = correction.rollout_is_threshold
+    if not (math.isfinite(threshold) and threshold >= 1):
+        bad(
+            f"{key}.rollout_is_threshold",
+            threshold,
+            "the truncation cap must be a finite number >= 1 (below 1 it would shrink the weight of a sample the "
+            "engine and the trainer agree on)",
+            "use 2.0 (TIS's default) or another cap >= 1",
+        )
+    elif correction.rollout_rs is not None:
+        upper = correction.rollout_rs_threshold
+        if upper is not None and not (math.isfinite(upper) and upper >= 1):
+            bad(f"{key}.rollout_rs_threshold", upper, "the upper bound must be a finite number >= 1", "use e.g. 2.0")
+        else:
+            lower, upper = rs_bounds(upper, correction.rollout_rs_threshold_lower, threshold)
+            if not 0 < lower <= 1:
+                bad(
+                    f"{key}.rollout_rs_threshold_lower",
+                    correction.rollout_rs_threshold_lower,
+                    "the lower bound must be in (0, 1], or every sample the engine and trainer agree on is rejected",
+                    f"use null (1 / upper = {1 / upper:g}) or a value in (0, 1]",
+                )
+    if correction.rollout_is is not None and not algo.recompute_old_logprobs:
+        bad(
+            f"{key}.rollout_is",
+            correction.rollout_is,
+            "in bypass mode (algorithm.recompute_old_logprobs=false) the old policy is the rollout's, so the PPO "
+            "ratio already is the importance ratio pi_theta / pi_rollout and a weight on top would count it twice",
+            "set algorithm.recompute_old_logprobs=true (decoupled mode), or use rollout_rs alone",
+        )
 
 
 def _check_role_settings(bad: Report, cfg: RlmeshConfig, use_critic: bool) -> None:

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -230,6 +230,7 @@ class RLLoop:
             lam=algo.lam,
             norm_adv_by_std=algo.norm_adv_by_std_in_grpo,
             recompute_old_logprobs=algo.recompute_old_logprobs,
+            rollout_correction=asdict(algo.rollout_correction),
             max_response_length=self.cfg.roles.rollout.sampling.max_tokens,
             max_prompt_length=self.cfg.data.max_prompt_length,
         )

@@ -44,14 +44,17 @@ from rlmesh.algo.losses import (
 )
 from rlmesh.algo.masked import masked_mean, masked_sum, masked_var, masked_whiten
 from rlmesh.algo.objective import PolicyObjective, policy_objective
+from rlmesh.algo.rollout_correction import IS_LEVELS, RS_LEVELS, RolloutCorrection, rollout_correction, rs_bounds
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "GSPO_LOG_RATIO_MAX",
+    "IS_LEVELS",
     "KL_ESTIMATORS",
     "LOG_RATIO_CLAMP",
     "LOSS_AGG_MODES",
     "POLICY_LOSSES",
+    "RS_LEVELS",
     "AdaptiveKLController",
     "AdvantageEstimator",
     "EstimatorNeeds",
@@ -59,6 +62,7 @@ __all__ = [
     "KLController",
     "PolicyLoss",
     "PolicyObjective",
+    "RolloutCorrection",
     "agg_loss",
     "apply_kl_penalty",
     "compute_gae_advantage",
@@ -89,5 +93,7 @@ __all__ = [
     "policy_objective",
     "register_advantage",
     "register_policy_loss",
+    "rollout_correction",
+    "rs_bounds",
     "value_loss",
 ]

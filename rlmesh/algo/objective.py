@@ -27,6 +27,7 @@ def policy_objective(
     *,
     entropy: Tensor | None = None,
     ref_log_prob: Tensor | None = None,
+    token_weights: Tensor | None = None,
     policy_loss: str | PolicyLoss = "vanilla",
     loss_agg_mode: str = "token-mean",
     clip_ratio: float = 0.2,
@@ -62,12 +63,18 @@ def policy_objective(
     ranks divided by W: a rank's micro-batch losses then add up to W times its share of the mini-batch loss, and
     DDP's average of the ranks' gradients is the gradient of the whole mini-batch's loss.
 
+    token_weights (the rollout correction's importance weights, >= 0) multiply each token's policy loss l_it. They
+    enter as advantages w_it * A_it: every registered loss is positively homogeneous in A (l(w A) = w l(A) for
+    w >= 0, clip decisions included), so this is exact, and a custom loss must be too to take weights.
+
     Gradient flows through log_prob and entropy only; masked positions reach nothing, whatever they hold.
     """
     if entropy is None and entropy_coeff != 0:
         raise ValueError(f"entropy_coeff={entropy_coeff} needs the entropy; pass entropy=, or set entropy_coeff=0")
     loss_fn = get_policy_loss(policy_loss) if isinstance(policy_loss, str) else policy_loss
     norm_constant = norm_constant or float(response_mask.shape[-1])
+    if token_weights is not None:
+        advantages = advantages * token_weights.detach()
     pg_loss, pg_metrics = loss_fn(
         old_log_prob,
         log_prob,

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from rlmesh.algo import get_policy_loss, policy_objective
+from rlmesh.algo import get_policy_loss, policy_objective, rollout_correction
 from rlmesh.config import ActorConfig
 from rlmesh.data.batch import Batch
 from rlmesh.engine.forward import SCORE_FIELDS, require_fields, response_logprobs
@@ -22,6 +22,7 @@ from rlmesh.sync.manifest import SyncPlan
 from rlmesh.sync.sender import member_group, send_weights
 
 UPDATE_FIELDS = [*SCORE_FIELDS, "old_logprobs", "advantages"]
+CORRECTION_PREFIX = "rollout_corr/"
 
 
 class PolicyTrainer(Learner[ActorConfig]):
@@ -86,11 +87,18 @@ class PolicyTrainer(Learner[ActorConfig]):
         Returns verl's metrics, identical on every rank: actor/pg_loss and actor/kl_loss (mean over mini-batches
         of the global mini-batch loss), actor/pg_clipfrac, actor/pg_clipfrac_lower, actor/ppo_kl, actor/entropy
         (means over all valid tokens), actor/grad_norm and actor/lr (means over the optimizer steps).
+
+        The rollout correction: `rollout_is_weights` weigh each token's policy loss (decoupled mode). In bypass mode
+        (meta["rollout_correction"]: the old log-probs are the rollout's) each micro-batch rejects by the current
+        policy's ratio to them, and rollout_corr/ reports token-weighted means over the micro-batches (no max/min).
         """
-        fields = [*UPDATE_FIELDS, "ref_logprobs"] if self.config.use_kl_loss else UPDATE_FIELDS
+        fields = [*UPDATE_FIELDS, "ref_logprobs"] if self.config.use_kl_loss else list(UPDATE_FIELDS)
+        if "rollout_is_weights" in batch:
+            fields.append("rollout_is_weights")
         require_fields(batch, fields, "PolicyTrainer.update")
         shuffle = self.shuffle_generator if self.config.shuffle else None
-        return self._train(batch, fields, shuffle_generator=shuffle, prefix="actor")
+        metrics = self._train(batch, fields, shuffle_generator=shuffle, prefix="actor")
+        return {key.removeprefix("actor/") if CORRECTION_PREFIX in key else key: v for key, v in metrics.items()}
 
     def _micro_loss(self, micro: Batch, denominator: float) -> MicroLoss:
         """The policy objective (rlmesh.algo.policy_objective) of one micro-batch with the mini-batch's
@@ -100,13 +108,25 @@ class PolicyTrainer(Learner[ActorConfig]):
         log_prob, entropy = response_logprobs(
             self.engine.module, micro, temperature, with_entropy=True, packed=config.model.use_remove_padding
         )
+        mask = micro["response_mask"]
+        correction_means: dict[str, Tensor] = {}
+        bypass_correction = micro.meta.get("rollout_correction")
+        if bypass_correction is not None:  # old_logprobs are the rollout's: correct by pi_theta / pi_rollout
+            corrected = rollout_correction(log_prob, micro["old_logprobs"], mask, **bypass_correction)
+            mask = corrected.keep.to(mask.dtype)
+            correction_means = {
+                key: torch.tensor(value, dtype=torch.float64, device=log_prob.device)
+                for key, value in corrected.metrics.items()
+                if not key.endswith(("_max", "_min"))  # a mean of micro-batch extremes is no extreme
+            }
         objective = policy_objective(
             log_prob,
             micro["old_logprobs"],
             micro["advantages"],
-            micro["response_mask"],
+            mask,
             entropy=entropy,
             ref_log_prob=micro["ref_logprobs"] if config.use_kl_loss else None,
+            token_weights=micro.get("rollout_is_weights"),
             policy_loss=self.policy_loss,
             loss_agg_mode=config.loss_agg_mode,
             clip_ratio=config.clip_ratio,
@@ -119,7 +139,7 @@ class PolicyTrainer(Learner[ActorConfig]):
             norm_constant=config.loss_norm_constant,  # None: the padded response width, the longest response
             denominator=denominator,
         )
-        return MicroLoss(objective.loss, objective.loss_terms, objective.token_means)
+        return MicroLoss(objective.loss, objective.loss_terms, objective.token_means | correction_means)
 
     # ------------------------------------------------------------------------------------------ weights
 

@@ -44,6 +44,8 @@ def test_grpo_steps_update_the_policy_and_write_everything(tmp_path: Path):
             "timing_s/update_actor",
             "timing_s/update_weights",
             "perf/throughput",
+            "rollout_corr/kl",  # the mismatch dashboard is on with the correction off (here in bypass mode)
+            "rollout_corr/log_ppl_abs_diff",
         ):
             assert key in metrics and math.isfinite(metrics[key]), key
     assert any(m["actor/grad_norm"] > 0 for m in history)
@@ -70,6 +72,8 @@ def test_ppo_steps_train_a_critic(tmp_path: Path):
             "recipe=ppo",
             "model.use_remove_padding=true",
             "algorithm.recompute_old_logprobs=true",
+            "algorithm.rollout_correction.rollout_is=sequence",
+            "algorithm.rollout_correction.rollout_rs=token",
             "roles.critic.ppo_mini_batch_size=4",
             "roles.critic.ppo_micro_batch_size_per_device=8",
             "roles.critic.resources_per_device={CPU: 0.5}",
@@ -85,6 +89,9 @@ def test_ppo_steps_train_a_critic(tmp_path: Path):
     # The trainer's packed log-probs on the rollout's weights are the ones HF generate sampled from; several
     # sequences sharing a row and attending to each other would be off by far more.
     assert history[0]["training/rollout_probs_diff_max"] < 1e-5
+    # Decoupled correction on the same numbers: weights of 1 reach the trainer and nothing is rejected.
+    assert history[0]["rollout_corr/rollout_is_max"] == pytest.approx(1.0, abs=1e-4)
+    assert history[0]["rollout_corr/rollout_rs_masked_fraction"] == 0.0
 
 
 @pytest.mark.parametrize("recipe", ["rloo", "reinforce_pp", "dapo", "drgrpo", "remax"])

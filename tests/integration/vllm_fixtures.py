@@ -75,8 +75,13 @@ def save_tiny_model(folder: Path) -> str:
 
 def rollout_config(**overrides: Any) -> RolloutConfig:
     # 64 MiB of KV cache is plenty for 128-token sequences and skips the CPU warm-up pass.
-    settings: dict[str, Any] = {"max_model_len": 128, "max_num_seqs": 64, "kv_cache_memory_gb": 0.0625}
-    return RolloutConfig(dtype="float32", **{**settings, **overrides})
+    settings: dict[str, Any] = {
+        "dtype": "float32",
+        "max_model_len": 128,
+        "max_num_seqs": 64,
+        "kv_cache_memory_gb": 0.0625,
+    }
+    return RolloutConfig(**{**settings, **overrides})
 
 
 def max_diff(a: list[float], b: list[float]) -> float:

@@ -61,6 +61,20 @@ def test_the_pg_loss_alone_when_neither_entropy_nor_a_reference_is_used(mode: st
     assert result.token_means["pg_clipfrac"].item() == pytest.approx(2 / 3)
 
 
+def test_importance_weights_scale_each_tokens_policy_loss_and_its_gradient_only() -> None:
+    weights = torch.tensor([[2.0, 0.5, NAN], [0.0, NAN, NAN]], dtype=torch.float64)
+    batch = tiny_batch()
+    result = objective(batch, clip_ratio=0.2, token_weights=weights, entropy=batch["entropy"], entropy_coeff=0.1)
+    # l = -1.2 (clipped), -1.8, 0.4 weighted by 2, 0.5 and 0; the entropy bonus is not weighted
+    assert result.loss_terms["pg_loss"].item() == pytest.approx((2 * -1.2 + 0.5 * -1.8) / 3)
+    assert result.loss.item() == pytest.approx((2 * -1.2 + 0.5 * -1.8) / 3 - 0.1 * (0.5 + 1.0 + 2.0) / 3)
+    assert result.token_means["pg_clipfrac"].item() == pytest.approx(1 / 3)  # the weight-0 token clips no more
+    result.loss.backward()
+    assert batch["log_prob"].grad is not None
+    # d/d log_prob of -A r w at the unclipped token (r = 0.9, A = 2, w = 0.5), over 3 tokens; 0 where clipped
+    assert batch["log_prob"].grad[0].tolist() == pytest.approx([0.0, -2 * 0.9 * 0.5 / 3, 0.0])
+
+
 @pytest.mark.parametrize("mode", sorted(HAND))
 def test_entropy_bonus_and_kl_loss_enter_with_their_coefficients(mode: str) -> None:
     batch = tiny_batch()

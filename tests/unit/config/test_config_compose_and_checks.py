@@ -99,6 +99,21 @@ def test_incompatible_options_are_named():
     assert "unknown policy loss" in problems("roles.trainer.policy_loss=nope")
 
 
+def test_rollout_correction_settings_are_checked_before_any_actor_starts():
+    key = "algorithm.rollout_correction"
+    decoupled = "algorithm.recompute_old_logprobs=true"
+    assert f"{key}.rollout_is='tokens': unknown level" in problems(decoupled, f"{key}.rollout_is=tokens")
+    assert f"{key}.rollout_rs='seq': unknown level" in problems(f"{key}.rollout_rs=seq")
+    assert f"{key}.rollout_is_threshold=0.5" in problems(f"{key}.rollout_is_threshold=0.5")
+    text = problems(f"{key}.rollout_rs=token", f"{key}.rollout_rs_threshold_lower=1.5")
+    assert f"{key}.rollout_rs_threshold_lower=1.5" in text and "null (1 / upper = 0.5)" in text
+    # The default GRPO recipe is bypass mode, where an importance weight would double the PPO ratio.
+    text = problems(f"{key}.rollout_is=token")
+    assert f"{key}.rollout_is='token'" in text and "set algorithm.recompute_old_logprobs=true" in text
+    check_config(load(decoupled, f"{key}.rollout_is=sequence", f"{key}.rollout_rs=geometric"), gpus_available=0)
+    check_config(load(f"{key}.rollout_rs=token"), gpus_available=0)
+
+
 def test_missing_model_and_data_paths_are_named(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     text = problems(model="/no/such/model")

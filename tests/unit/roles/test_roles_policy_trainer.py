@@ -197,6 +197,28 @@ def test_one_update_raises_the_log_prob_of_tokens_with_positive_advantage(policy
     assert second["actor/ppo_kl"] < 0  # the new policy puts more mass on the sampled tokens than the old did
 
 
+def test_rollout_correction_weights_and_bypass_rejections_reach_the_policy_loss(policy_path: str) -> None:
+    batch = training_batch(make_trainer(policy_path), 2 * ROLLOUT_N, seed=8)
+    batch["advantages"] = batch["response_mask"].float()
+    valid = batch["response_mask"].bool()
+    # Decoupled mode: on-policy the ratio is 1, so the loss is -mean(w A) = -0.5.
+    weighted = Batch.merge([batch, Batch({"rollout_is_weights": 0.5 * batch["response_mask"].float()})])
+    metrics = make_trainer(policy_path).update(weighted)
+    assert metrics["actor/pg_loss"] == pytest.approx(-0.5)
+    # Bypass mode: the old log-probs stand for the rollout's; first tokens made e times likelier under the policy
+    # than under them lie outside [1/2, 2] and are rejected. They still count in the token-mean denominator.
+    bypass = batch[:]
+    bypass["old_logprobs"] = bypass["old_logprobs"].clone()
+    bypass["old_logprobs"][:, 0] -= 1.0
+    bypass.meta["rollout_correction"] = {"rollout_rs": "token", "rollout_rs_threshold": 2.0}
+    metrics = make_trainer(policy_path).update(bypass)
+    rejected = float(valid[:, 0].sum()) / float(valid.sum())
+    assert metrics["rollout_corr/rollout_rs_masked_fraction"] == pytest.approx(rejected)
+    assert metrics["actor/pg_loss"] == pytest.approx(-(1 - rejected), rel=1e-5)
+    assert metrics["rollout_corr/kl"] == pytest.approx(-rejected, rel=1e-4)  # k1: mean of log pi_rollout - log pi
+    assert not any(key.endswith(("_max", "_min")) for key in metrics if key.startswith("rollout_corr/"))
+
+
 def test_a_non_finite_loss_skips_every_optimizer_step_and_leaves_the_weights(policy_path: str) -> None:
     trainer = make_trainer(policy_path, optim=OptimConfig(lr=1e-2))
     batch = training_batch(trainer, 2 * ROLLOUT_N, seed=9)
