@@ -10,7 +10,7 @@ import torch
 
 from rlmesh.algo import apply_kl_penalty, get_advantage_estimator, rollout_correction
 from rlmesh.data import Batch
-from rlmesh.metrics import data_metrics, reward_metrics, rollout_probs_diff_metrics
+from rlmesh.metrics import data_metrics, reward_metrics, rollout_probs_diff_metrics, staleness_metrics
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class UpdateSettings:
     norm_adv_by_std: bool
     recompute_old_logprobs: bool
     rollout_correction: Mapping[str, Any]  # rollout_correction's keyword settings (RolloutCorrectionConfig)
+    policy_version: int  # the trainer's weight version before this update: a sample's staleness is this - its own
     max_response_length: int
     max_prompt_length: int
 
@@ -127,6 +128,7 @@ def prepare_update(batch: Batch, settings: UpdateSettings) -> tuple[Batch, dict[
         merged, max_response_length=settings.max_response_length, max_prompt_length=settings.max_prompt_length
     )
     metrics["perf/total_num_tokens"] = float(merged["attention_mask"].sum().item())
+    metrics |= staleness_metrics(batch["weight_version"], settings.policy_version)
     if kept is not None:
         update["response_mask"] = kept
     return update, metrics

@@ -275,6 +275,9 @@ class ClusterConfig:
 class TrainerConfig:
     project_name: str = "rlmesh"
     experiment_name: str = "run"
+    # sync: generate, then train, on the same weights. one_step_off: the next step's batch is generated while this
+    # step trains, by the weights before this step's update, so a trained sample is one version old at most.
+    mode: str = "sync"
     total_steps: int | None = None  # None: total_epochs × steps per epoch
     total_epochs: int = 1
     test_freq: int = 10  # validate every N steps (and before training); -1 = never

@@ -62,6 +62,7 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
         bad("algorithm.kl_ctrl.type", algo.kl_ctrl.type, "unknown KL controller", "use fixed or adaptive")
 
     _check_rollout_correction(bad, algo)
+    _check_trainer_mode(bad, cfg)
 
     needs = estimator_needs(algo.adv_estimator)  # declared where the estimator is registered
     use_critic = critic.enable if critic.enable is not None else needs.values
@@ -259,6 +260,23 @@ def _check_rollout_correction(bad: Report, algo: AlgorithmConfig) -> None:
             "in bypass mode (algorithm.recompute_old_logprobs=false) the old policy is the rollout's, so the PPO "
             "ratio already is the importance ratio pi_theta / pi_rollout and a weight on top would count it twice",
             "set algorithm.recompute_old_logprobs=true (decoupled mode), or use rollout_rs alone",
+        )
+
+
+TRAINER_MODES = ("sync", "one_step_off")
+
+
+def _check_trainer_mode(bad: Report, cfg: RlmeshConfig) -> None:
+    mode, rollout = cfg.trainer.mode, cfg.roles.rollout
+    if mode not in TRAINER_MODES:
+        bad("trainer.mode", mode, "unknown mode", f"use one of {list(TRAINER_MODES)}")
+    elif mode == "one_step_off" and rollout.enable_sleep_mode:
+        bad(
+            "roles.rollout.enable_sleep_mode",
+            True,
+            "trainer.mode=one_step_off generates the next batch while the trainer trains, and a sleeping engine "
+            "cannot generate",
+            "set roles.rollout.enable_sleep_mode=false (and give the engines their own GPUs), or trainer.mode=sync",
         )
 
 

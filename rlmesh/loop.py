@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -62,6 +63,16 @@ class Roles:
     weight_sync: WeightSync
 
 
+@dataclass
+class RolloutAhead:
+    """A step's batch, generated while the step before it trained (trainer.mode=one_step_off)."""
+
+    step: int
+    batch: StoredRows[Batch]
+    scored: bool  # scored already (dynamic sampling)
+    metrics: dict[str, float]  # its generation's timings and counts, reported by the step that trains it
+
+
 class RLLoop:
     def __init__(
         self,
@@ -90,6 +101,10 @@ class RLLoop:
         # Colocated engines in sleep mode (the plan checked their class against the SleepingRollout contract).
         sleeps = rollout.colocate_with_trainer and rollout.enable_sleep_mode
         self.sleeping = cast("SleepingRolloutMesh", roles.rollout) if sleeps else None
+        self.one_step_off = cfg.trainer.mode == "one_step_off"
+        self.ahead: RolloutAhead | None = None  # the next step's batch, when it was generated during this step
+        self.last_step = 0  # fit's total_steps: no batch is generated ahead of the last step
+        self._rollout_thread: ThreadPoolExecutor | None = None
 
     # ---------------------------------------------------------------- one step
 
@@ -99,8 +114,10 @@ class RLLoop:
         cfg, roles, metrics = self.cfg, self.roles, {"training/global_step": float(step)}
         t_step = time.perf_counter()
         rollout_faults = roles.rollout.fault_counts()
-        # 1. generate n responses per prompt (and score them, when dynamic sampling must filter on the score)
-        batch, scored = self.rollout_batch(step, metrics)
+        # 1. generate n responses per prompt (and score them, when dynamic sampling must filter on the score); in
+        #    one_step_off mode this batch was generated during the last step, and the next one starts now
+        batch, scored = self.take_rollout(step, metrics)
+        ahead = self.rollout_ahead(step + 1) if self.one_step_off and step < self.last_step else None
         if self.sleeping:  # colocated engines hand the GPU to training until the sync: KV cache freed
             self.sleeping.sleep.all(1).result()
         # 2. reward, reference log-probs, old log-probs and values: issued together, awaited together
@@ -120,7 +137,7 @@ class RLLoop:
                 batch = batch.with_columns(self.wait_timed(call, name, issued, metrics).rows)
         # 3. advantages and the batch's metrics, next to the data
         with timed(metrics, "adv"):
-            batch, batch_metrics = self.compute_advantages(batch)
+            batch, batch_metrics = self.compute_advantages(batch, step)
         # 4. critic and policy updates, issued together
         issued = time.perf_counter()
         critic_update = RoleCall("critic", roles.critic, roles.critic.update.shard(batch)) if roles.critic else None
@@ -128,7 +145,11 @@ class RLLoop:
         if critic_update is not None:
             metrics |= self.wait_timed(critic_update, "update_critic", issued, metrics)
         metrics |= self.wait_timed(actor_update, "update_actor", issued, metrics)
-        # 5. the rollout engines get the new weights
+        # 5. the rollout engines get the new weights; a batch generated meanwhile is finished first, so that no
+        #    sample mixes two versions
+        if ahead is not None:
+            with timed(metrics, "wait_next_gen"):
+                self.ahead = ahead.result()
         with timed(metrics, "update_weights"):
             metrics |= self.update_rollout_weights(version=step)
         # 6. metrics, with verl's names
@@ -139,6 +160,28 @@ class RLLoop:
         metrics["timing_s/step"] = time.perf_counter() - t_step
         metrics |= throughput_metrics(batch_metrics["perf/total_num_tokens"], metrics["timing_s/step"], self.n_devices)
         return metrics
+
+    def take_rollout(self, step: int, metrics: dict[str, float]) -> tuple[StoredRows[Batch], bool]:
+        """This step's batch: generated ahead during the last step (its metrics join this step's), or now."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is None:
+            return self.rollout_batch(step, metrics)
+        if ahead.step != step:
+            raise RuntimeError(f"step {step} found the batch generated ahead for step {ahead.step}")
+        metrics |= ahead.metrics
+        return ahead.batch, ahead.scored
+
+    def rollout_ahead(self, step: int) -> Future[RolloutAhead]:
+        """Generate `step`'s batch on the engines' current weights in a thread, while this step trains."""
+        if self._rollout_thread is None:
+            self._rollout_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead")
+
+        def generate() -> RolloutAhead:
+            metrics: dict[str, float] = {}
+            batch, scored = self.rollout_batch(step, metrics)
+            return RolloutAhead(step, batch, scored, metrics)
+
+        return self._rollout_thread.submit(generate)
 
     def rollout_batch(self, step: int, metrics: dict[str, float]) -> tuple[StoredRows[Batch], bool]:
         """n samples per prompt, and whether they are scored already. With DAPO's dynamic sampling, keep drawing
@@ -217,7 +260,7 @@ class RLLoop:
         samples = StoredRows.concat([group.rows for group in groups])
         return run_stored(assemble_generations, samples, per_prompt, n, layout).result().rows
 
-    def compute_advantages(self, batch: StoredRows[Batch]) -> tuple[StoredRows[Batch], dict[str, float]]:
+    def compute_advantages(self, batch: StoredRows[Batch], step: int) -> tuple[StoredRows[Batch], dict[str, float]]:
         """Advantages, KL-penalised rewards and the batch's metrics, computed by the store worker on the whole batch;
         the KL controller (the controller's state) takes the penalty's KL."""
         algo = self.cfg.algorithm
@@ -231,6 +274,7 @@ class RLLoop:
             norm_adv_by_std=algo.norm_adv_by_std_in_grpo,
             recompute_old_logprobs=algo.recompute_old_logprobs,
             rollout_correction=asdict(algo.rollout_correction),
+            policy_version=step - 1,
             max_response_length=self.cfg.roles.rollout.sampling.max_tokens,
             max_prompt_length=self.cfg.data.max_prompt_length,
         )
@@ -326,6 +370,8 @@ class RLLoop:
                 "kl_ctrl": self.kl_ctrl.state_dict(),
                 "rng": capture_rng(),
             }
+            if self.ahead is not None:  # generated for the next step: a resumed run trains it, nothing is lost
+                controller["rollout_ahead"] = ahead_state(self.ahead)
             save_controller_state(staging, controller)
             wait_all(saves)
 
@@ -343,6 +389,8 @@ class RLLoop:
         self.train_prompts.load_state_dict(state["train_prompts"])
         self.kl_ctrl.load_state_dict(state["kl_ctrl"])
         restore_rng(state["rng"])
+        if "rollout_ahead" in state:
+            self.ahead = restore_ahead(state["rollout_ahead"])
         self.update_rollout_weights(version=state["step"])
         log.info("resumed from %s at step %d", folder, state["step"])
         return int(state["step"]) + 1
@@ -351,6 +399,7 @@ class RLLoop:
 
     def fit(self, total_steps: int) -> list[dict[str, float]]:
         trainer_cfg = self.cfg.trainer
+        self.last_step = total_steps
         start = self.resume()
         history: list[dict[str, float]] = []
         bar = ProgressBar(total_steps, initial_step=start - 1, enabled=trainer_cfg.progress_bar)
@@ -386,6 +435,8 @@ class RLLoop:
                     raise RunInterrupted(self.interrupted_message(step), self.stop.signal_name)
         finally:
             bar.close()
+            if self._rollout_thread is not None:  # after a failure a generation may still be running: not awaited
+                self._rollout_thread.shutdown(wait=False, cancel_futures=True)
         return history
 
     def step_or_fail(self, step: int) -> dict[str, float]:
@@ -408,6 +459,24 @@ class RLLoop:
             f"stopped by {self.stop.signal_name} after step {step}: {where}. Continue with trainer.resume=auto "
             f"(and the same trainer.output_dir={self.run_dir})."
         )
+
+
+def ahead_state(ahead: RolloutAhead) -> dict[str, Any]:
+    """A batch generated ahead, fetched from the store as plain tensors and lists for the controller's state.pt."""
+    batch = ahead.batch.fetch()
+    return {
+        "step": ahead.step,
+        "scored": ahead.scored,
+        "metrics": dict(ahead.metrics),
+        "tensors": dict(batch.tensors.items()),
+        "non_tensors": batch.non_tensors,
+        "meta": batch.meta,
+    }
+
+
+def restore_ahead(state: dict[str, Any]) -> RolloutAhead:
+    batch = Batch(state["tensors"], state["non_tensors"], state["meta"])
+    return RolloutAhead(int(state["step"]), StoredRows.put(batch), bool(state["scored"]), dict(state["metrics"]))
 
 
 def stateless_call(role: str, mesh: Any, issue: Callable[[], Any]) -> RoleCall:

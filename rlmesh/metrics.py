@@ -38,6 +38,15 @@ def rollout_probs_diff_metrics(
     }
 
 
+def staleness_metrics(weight_versions: Sequence[int | None], policy_version: int) -> dict[str, float]:
+    """rollout/staleness/{mean,max,min}: how many weight versions behind the trainer's each sample's generator was
+    (0 in sync mode, 1 at most with one_step_off). Samples with no recorded version are left out."""
+    known = [v for v in weight_versions if v is not None]
+    if not known:
+        return {}
+    return _stats("rollout/staleness", torch.tensor([policy_version - v for v in known], dtype=torch.float32))
+
+
 def data_metrics(batch: Batch, *, max_response_length: int, max_prompt_length: int) -> dict[str, float]:
     """critic/score, critic/rewards, critic/advantages, critic/returns, critic/values, response_length and
     prompt_length statistics, as verl's compute_data_metrics names them."""

@@ -11,6 +11,9 @@ with recompute_old_logprobs=false), and it reports the entropy the trainer repor
     python scripts/bench_step.py --steps 20 --only plain,vllm roles.rollout.max_num_seqs=512
     python scripts/bench_step.py --workload gen-bound   # a 19M-parameter random Qwen2, 8 x 8 x 128 tokens
 
+`vllm_1off` is rollout=vllm with trainer.mode=one_step_off: each step's batch was generated while the step before
+it trained, so its gen column is overlapped time, not time the step waited.
+
 The gen-bound workload is where the engine must pay for itself: a random-init model of about 20M parameters, with
 eos masked (sampling.min_tokens = max_tokens) so every response runs to the 128-token cap; it also prints generated
 tokens/s per system.
@@ -45,7 +48,13 @@ from rlmesh.engine.train_engine import build_optimizer, build_scheduler  # noqa:
 from rlmesh.reward.registry import default_compute_score  # noqa: E402
 
 WARMUP_STEPS = 2  # first allocations, lazy imports, the engines' first batches
-SYSTEMS = ("plain", "hf", "vllm")
+# rlmesh systems: the overrides that select each; vllm_1off generates the next batch while the trainer trains
+RLMESH_SYSTEMS = {
+    "hf": ["rollout=hf"],
+    "vllm": ["rollout=vllm"],
+    "vllm_1off": ["rollout=vllm", "trainer.mode=one_step_off"],
+}
+SYSTEMS = ("plain", *RLMESH_SYSTEMS)
 # 8 prompts x 8 samples x 128 tokens on a random 19M-parameter Qwen2 (8 layers, hidden 384, MLP 1536).
 GEN_BOUND_MODEL = {
     "hidden_size": 384,
@@ -254,14 +263,14 @@ def main() -> None:
             if system == "plain":
                 history = plain_loop(typed, args.steps)
             else:
-                history = rlmesh_run([f"rollout={system}", *overrides], args.steps)
+                history = rlmesh_run([*RLMESH_SYSTEMS[system], *overrides], args.steps)
             results[system] = medians(history, samples)
             print(f"{system}: {args.steps} steps in {time.perf_counter() - started:.1f}s (with start-up)", flush=True)
     base = results.get("plain", {}).get("step")
     span = f"steps {WARMUP_STEPS + 1}-{args.steps}"
     print(f"\n{args.workload} workload, {samples} samples a step; median over {span} (s)")
     print(f"{'system':<14}{'step':>8}{'gen':>8}{'update':>8}{'reward':>8}{'gen tok/s':>11}{'step / plain':>14}")
-    names = {"plain": "plain loop", "hf": "rlmesh hf", "vllm": "rlmesh vllm"}
+    names = {"plain": "plain loop", "hf": "rlmesh hf", "vllm": "rlmesh vllm", "vllm_1off": "vllm 1-off"}
     for system, m in results.items():
         ratio = f"{m['step'] / base:.2f}x" if base else "-"
         phases = f"{m['step']:>8.3f}{m['gen']:>8.3f}{m['update_actor']:>8.3f}{m['reward']:>8.3f}"

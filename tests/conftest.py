@@ -66,9 +66,10 @@ def compose_config(*overrides: str) -> DictConfig:
 # were batched (the rollout's old log-probs differ by ~1e-7 between identical runs, so the PPO losses do too).
 NOT_REPRODUCIBLE = ("timing_s/", "perf/", "sync/", "weight_sync/")
 FLOAT_REDUCTIONS = ("actor/", "critic/values", "critic/returns", "critic/vf")
-# Means of log-prob differences near 0 (old - new): their noise is that of the log-probs, absolute, not a fraction of
-# a value that is itself ~1e-4 (a fresh clone measured -1.914051e-4 against -1.914163e-4 for ppo_kl).
-LOGPROB_DIFFERENCES = ("actor/ppo_kl",)
+
+# Log-prob differences and the mismatch metrics made from them: their noise is that of the log-probs, absolute near 0
+# (a fresh clone measured ppo_kl -1.914051e-4 against -1.914163e-4), relative for perplexities.
+LOGPROB_DIFFERENCES = ("actor/ppo_kl", "rollout_corr/")
 
 
 def assert_same_run(want: list[dict[str, float]], got: list[dict[str, float]]) -> None:
@@ -84,7 +85,7 @@ def assert_same_run(want: list[dict[str, float]], got: list[dict[str, float]]) -
             if key.startswith(NOT_REPRODUCIBLE):
                 continue
             if key.startswith(LOGPROB_DIFFERENCES):
-                assert actual[key] == pytest.approx(value, abs=1e-7), f"step {step}: {key}"
+                assert actual[key] == pytest.approx(value, rel=1e-5, abs=1e-7), f"step {step}: {key}"
             elif key.startswith(FLOAT_REDUCTIONS):
                 assert actual[key] == pytest.approx(value, rel=1e-5, abs=1e-9), f"step {step}: {key}"
             else:

@@ -114,6 +114,13 @@ def test_rollout_correction_settings_are_checked_before_any_actor_starts():
     check_config(load(f"{key}.rollout_rs=token"), gpus_available=0)
 
 
+def test_trainer_modes_and_what_they_cannot_run_with_are_named():
+    assert "trainer.mode='async': unknown mode" in problems("trainer.mode=async")
+    text = problems("trainer.mode=one_step_off", "roles.rollout.enable_sleep_mode=true")
+    assert "roles.rollout.enable_sleep_mode=True" in text and "a sleeping engine cannot generate" in text
+    check_config(load("trainer.mode=one_step_off"), gpus_available=0)
+
+
 def test_missing_model_and_data_paths_are_named(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     text = problems(model="/no/such/model")
