@@ -37,10 +37,18 @@ def assemble_generations(
         prompt_length=layout.prompt_length,
         response_length=layout.response_length,
         non_tensors={key: [v for v in values for _ in range(n)] for key, values in prompts.items()}
-        | {"weight_version": [s.weight_version for s in samples]},
+        | {
+            "weight_version": [s.weight_version for s in samples],
+            "last_weight_version": [_last_version(s) for s in samples],
+        },
         meta={"temperature": layout.temperature},
     )
     return batch, None
+
+
+def _last_version(sample: Any) -> int | None:
+    last = getattr(sample, "last_weight_version", None)  # a custom rollout's samples may not record it
+    return sample.weight_version if last is None else last
 
 
 def reward_summary(scored: Batch) -> Batch:
@@ -128,7 +136,7 @@ def prepare_update(batch: Batch, settings: UpdateSettings) -> tuple[Batch, dict[
         merged, max_response_length=settings.max_response_length, max_prompt_length=settings.max_prompt_length
     )
     metrics["perf/total_num_tokens"] = float(merged["attention_mask"].sum().item())
-    metrics |= staleness_metrics(batch["weight_version"], settings.policy_version)
+    metrics |= staleness_metrics(batch["weight_version"], batch.get("last_weight_version"), settings.policy_version)
     if kept is not None:
         update["response_mask"] = kept
     return update, metrics

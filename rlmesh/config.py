@@ -154,6 +154,10 @@ class RolloutConfig:
     weight_sync: str = "auto"  # auto | object_store | gloo | nccl | cuda_ipc
     sync_bucket_mb: int = 256
     sync_timeout_s: float = 120.0
+    # A sync that lands while requests are generating (trainer.mode=async) pauses the engine with them kept. By
+    # default their KV cache is recomputed under the new weights when they resume; true reuses the KV computed by
+    # the old weights (faster, and no longer exactly the new policy's continuation).
+    reuse_kv_across_syncs: bool = False
     resources_per_engine: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
 
 
@@ -272,12 +276,24 @@ class ClusterConfig:
 
 
 @dataclass
+class AsyncConfig:
+    """trainer.mode=async (the key is not `async`, a Python keyword). A step's batch is issued max_staleness steps
+    before the step that trains it, on the engines' weights of that moment, so admission, not discarding, bounds
+    every trained sample's staleness by max_staleness versions, and at most train_batch_size x (max_staleness + 1)
+    prompts are in flight or finished and waiting. 0 is the synchronous run, bit for bit."""
+
+    max_staleness: int = 1
+
+
+@dataclass
 class TrainerConfig:
     project_name: str = "rlmesh"
     experiment_name: str = "run"
     # sync: generate, then train, on the same weights. one_step_off: the next step's batch is generated while this
-    # step trains, by the weights before this step's update, so a trained sample is one version old at most.
+    # step trains, by the weights before this step's update, and finished before the sync: one version old at most.
+    # async: generation runs asynchronous.max_staleness steps ahead, and syncs land on requests in flight.
     mode: str = "sync"
+    asynchronous: AsyncConfig = field(default_factory=lambda: AsyncConfig())
     total_steps: int | None = None  # None: total_epochs × steps per epoch
     total_epochs: int = 1
     test_freq: int = 10  # validate every N steps (and before training); -1 = never

@@ -16,7 +16,7 @@ from rlmesh.algo import (
     estimator_needs,
     rs_bounds,
 )
-from rlmesh.config import AlgorithmConfig, RlmeshConfig, check_model_path, looks_like_hub_name
+from rlmesh.config import AlgorithmConfig, AsyncConfig, RlmeshConfig, check_model_path, looks_like_hub_name
 from rlmesh.plan import Report, RunPlan, plan_roles
 
 
@@ -263,20 +263,48 @@ def _check_rollout_correction(bad: Report, algo: AlgorithmConfig) -> None:
         )
 
 
-TRAINER_MODES = ("sync", "one_step_off")
+TRAINER_MODES = ("sync", "one_step_off", "async")
 
 
 def _check_trainer_mode(bad: Report, cfg: RlmeshConfig) -> None:
-    mode, rollout = cfg.trainer.mode, cfg.roles.rollout
+    mode, rollout, staleness = cfg.trainer.mode, cfg.roles.rollout, cfg.trainer.asynchronous.max_staleness
     if mode not in TRAINER_MODES:
         bad("trainer.mode", mode, "unknown mode", f"use one of {list(TRAINER_MODES)}")
-    elif mode == "one_step_off" and rollout.enable_sleep_mode:
+        return
+    if mode == "async" and staleness < 0:
+        bad("trainer.asynchronous.max_staleness", staleness, "must be >= 0", "use 0 (synchronous), 1, 2, ...")
+    if mode != "async" and staleness != AsyncConfig.max_staleness:
+        bad(
+            "trainer.asynchronous.max_staleness",
+            staleness,
+            f"only trainer.mode=async reads it, and trainer.mode={mode}",
+            "set trainer.mode=async, or leave max_staleness out",
+        )
+    if mode == "sync":
+        return
+    if rollout.enable_sleep_mode:
         bad(
             "roles.rollout.enable_sleep_mode",
             True,
-            "trainer.mode=one_step_off generates the next batch while the trainer trains, and a sleeping engine "
-            "cannot generate",
+            f"trainer.mode={mode} generates later batches while the trainer trains, and a sleeping engine cannot "
+            "generate",
             "set roles.rollout.enable_sleep_mode=false (and give the engines their own GPUs), or trainer.mode=sync",
+        )
+    if cfg.algorithm.dynamic_sampling.enable:
+        bad(
+            "algorithm.dynamic_sampling.enable",
+            True,
+            f"dynamic sampling decides how many prompts a step draws from their scores, and trainer.mode={mode} "
+            "issues a step's prompts before the steps ahead of it are scored",
+            "set trainer.mode=sync, or turn dynamic sampling off",
+        )
+    if estimator_needs(cfg.algorithm.adv_estimator).baseline:
+        bad(
+            "algorithm.adv_estimator",
+            cfg.algorithm.adv_estimator,
+            f"its greedy baseline is generated and scored with the step's samples, which trainer.mode={mode} does "
+            "not do",
+            "set trainer.mode=sync, or pick an estimator without a greedy baseline (grpo, rloo, ...)",
         )
 
 

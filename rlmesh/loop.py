@@ -6,7 +6,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -64,13 +63,20 @@ class Roles:
 
 
 @dataclass
-class RolloutAhead:
-    """A step's batch, generated while the step before it trained (trainer.mode=one_step_off)."""
+class IssuedRollout:
+    """One step's generation requests, one routed call per prompt (n samples each), issued ahead of the step that
+    trains them, or that step's batch once assembled (or restored from a checkpoint)."""
 
     step: int
-    batch: StoredRows[Batch]
-    scored: bool  # scored already (dynamic sampling)
-    metrics: dict[str, float]  # its generation's timings and counts, reported by the step that trains it
+    prompts: list[PromptRow]
+    n: int
+    sampling: SamplingConfig
+    groups: list[Any]  # the calls' futures, each resolving to a Stored[list[Sample], None]
+    batch: StoredRows[Batch] | None = None
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.batch) // self.n if self.batch is not None else len(self.groups)
 
 
 class RLLoop:
@@ -101,10 +107,13 @@ class RLLoop:
         # Colocated engines in sleep mode (the plan checked their class against the SleepingRollout contract).
         sleeps = rollout.colocate_with_trainer and rollout.enable_sleep_mode
         self.sleeping = cast("SleepingRolloutMesh", roles.rollout) if sleeps else None
-        self.one_step_off = cfg.trainer.mode == "one_step_off"
-        self.ahead: RolloutAhead | None = None  # the next step's batch, when it was generated during this step
-        self.last_step = 0  # fit's total_steps: no batch is generated ahead of the last step
-        self._rollout_thread: ThreadPoolExecutor | None = None
+        # How many steps ahead generation runs: a step's batch is issued that many steps before the step that
+        # trains it, so its samples are that many versions old at most (admission bounds the staleness).
+        mode = cfg.trainer.mode
+        self.lookahead = {"sync": 0, "one_step_off": 1}.get(mode, cfg.trainer.asynchronous.max_staleness)
+        self.finish_before_sync = mode == "one_step_off"  # else (async) syncs land on requests in flight
+        self.ahead: dict[int, IssuedRollout] = {}  # issued for a later step than the one running
+        self.last_step = 0  # fit's total_steps: nothing is issued for a step after it
 
     # ---------------------------------------------------------------- one step
 
@@ -114,10 +123,9 @@ class RLLoop:
         cfg, roles, metrics = self.cfg, self.roles, {"training/global_step": float(step)}
         t_step = time.perf_counter()
         rollout_faults = roles.rollout.fault_counts()
-        # 1. generate n responses per prompt (and score them, when dynamic sampling must filter on the score); in
-        #    one_step_off mode this batch was generated during the last step, and the next one starts now
+        # 1. generate n responses per prompt (and score them, when dynamic sampling must filter on the score); with
+        #    a lookahead this batch was issued during earlier steps, and the steps up to the lookahead are now
         batch, scored = self.take_rollout(step, metrics)
-        ahead = self.rollout_ahead(step + 1) if self.one_step_off and step < self.last_step else None
         if self.sleeping:  # colocated engines hand the GPU to training until the sync: KV cache freed
             self.sleeping.sleep.all(1).result()
         # 2. reward, reference log-probs, old log-probs and values: issued together, awaited together
@@ -145,11 +153,11 @@ class RLLoop:
         if critic_update is not None:
             metrics |= self.wait_timed(critic_update, "update_critic", issued, metrics)
         metrics |= self.wait_timed(actor_update, "update_actor", issued, metrics)
-        # 5. the rollout engines get the new weights; a batch generated meanwhile is finished first, so that no
-        #    sample mixes two versions
-        if ahead is not None:
+        # 5. the rollout engines get the new weights: one_step_off first finishes what was issued meanwhile, so no
+        #    sample mixes two versions; async pushes onto requests in flight (they pause, and resume on the new ones)
+        if self.finish_before_sync and self.ahead:
             with timed(metrics, "wait_next_gen"):
-                self.ahead = ahead.result()
+                wait_all([group for issued in self.ahead.values() for group in issued.groups])
         with timed(metrics, "update_weights"):
             metrics |= self.update_rollout_weights(version=step)
         # 6. metrics, with verl's names
@@ -158,30 +166,24 @@ class RLLoop:
         metrics["rollout/retried_requests"] = float(after["retried_calls"] - rollout_faults["retried_calls"])
         metrics["rollout/restarted_engines"] = float(after["restarted_actors"] - rollout_faults["restarted_actors"])
         metrics["timing_s/step"] = time.perf_counter() - t_step
+        waited = metrics.get("timing_s/gen", 0.0) + metrics.get("timing_s/wait_next_gen", 0.0)
+        metrics["trainer/idle_ratio"] = waited / max(metrics["timing_s/step"], 1e-9)  # waiting on generation
         metrics |= throughput_metrics(batch_metrics["perf/total_num_tokens"], metrics["timing_s/step"], self.n_devices)
         return metrics
 
     def take_rollout(self, step: int, metrics: dict[str, float]) -> tuple[StoredRows[Batch], bool]:
-        """This step's batch: generated ahead during the last step (its metrics join this step's), or now."""
-        ahead, self.ahead = self.ahead, None
-        if ahead is None:
+        """This step's batch. With a lookahead, first issue every step up to it that is not yet (on the engines'
+        current weights, one version behind the trainer's), then wait for this step's: issued ahead, or now."""
+        if self.cfg.trainer.mode == "sync" and step not in self.ahead:
             return self.rollout_batch(step, metrics)
-        if ahead.step != step:
-            raise RuntimeError(f"step {step} found the batch generated ahead for step {ahead.step}")
-        metrics |= ahead.metrics
-        return ahead.batch, ahead.scored
-
-    def rollout_ahead(self, step: int) -> Future[RolloutAhead]:
-        """Generate `step`'s batch on the engines' current weights in a thread, while this step trains."""
-        if self._rollout_thread is None:
-            self._rollout_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead")
-
-        def generate() -> RolloutAhead:
-            metrics: dict[str, float] = {}
-            batch, scored = self.rollout_batch(step, metrics)
-            return RolloutAhead(step, batch, scored, metrics)
-
-        return self._rollout_thread.submit(generate)
+        sampling = self.cfg.roles.rollout.sampling
+        for later in range(step, min(step + self.lookahead, self.last_step) + 1):
+            if later not in self.ahead:
+                self.ahead[later] = self.issue(self.train_prompts.next_batch(), self.n, sampling, later)
+        metrics["rollout/groups_ahead"] = float(sum(i.num_groups for t, i in self.ahead.items() if t > step))
+        with timed(metrics, "gen"):  # the wait: the generation itself overlapped the steps before
+            batch = self.assemble(self.ahead.pop(step))
+        return batch, False
 
     def rollout_batch(self, step: int, metrics: dict[str, float]) -> tuple[StoredRows[Batch], bool]:
         """n samples per prompt, and whether they are scored already. With DAPO's dynamic sampling, keep drawing
@@ -240,11 +242,23 @@ class RLLoop:
         samples stay in the object store, and the store worker lays them out as one batch. Tensors are as wide as
         the longest prompt and response, or with `fixed_widths` as wide as the longest allowed
         (data.max_prompt_length, sampling.max_tokens)."""
+        return self.assemble(self.issue(prompts, n, sampling, step), fixed_widths)
+
+    def issue(self, prompts: list[PromptRow], n: int, sampling: SamplingConfig, step: int) -> IssuedRollout:
+        """Send `step`'s requests, each with its own seed (from the run's seed, the step and the prompt: the same
+        samples whenever they are issued); returns at once."""
         base = sampling.seed if sampling.seed is not None else self.cfg.trainer.seed
         seeds = [sampling_seed(base, step, p["index"]) for p in prompts]
         generate = self.roles.rollout.generate.in_store()
         futures = [generate.choose(p["prompt_ids"], n, sampling, seed) for p, seed in zip(prompts, seeds, strict=True)]
-        groups: list[Stored[list[Sample], None]] = wait_all(futures)
+        return IssuedRollout(step, prompts, n, sampling, futures)
+
+    def assemble(self, issued: IssuedRollout, fixed_widths: bool = False) -> StoredRows[Batch]:
+        """Wait for the issued requests and lay their samples out as one batch (in the store), once."""
+        if issued.batch is not None:
+            return issued.batch
+        prompts, step, n, sampling = issued.prompts, issued.step, issued.n, issued.sampling
+        groups: list[Stored[list[Sample], None]] = wait_all(issued.groups)
         per_prompt = {
             "data_source": [p["data_source"] for p in prompts],
             "ground_truth": [p["ground_truth"] for p in prompts],
@@ -258,7 +272,8 @@ class RLLoop:
             temperature=sampling.temperature or 1.0,
         )
         samples = StoredRows.concat([group.rows for group in groups])
-        return run_stored(assemble_generations, samples, per_prompt, n, layout).result().rows
+        issued.batch = run_stored(assemble_generations, samples, per_prompt, n, layout).result().rows
+        return issued.batch
 
     def compute_advantages(self, batch: StoredRows[Batch], step: int) -> tuple[StoredRows[Batch], dict[str, float]]:
         """Advantages, KL-penalised rewards and the batch's metrics, computed by the store worker on the whole batch;
@@ -370,8 +385,8 @@ class RLLoop:
                 "kl_ctrl": self.kl_ctrl.state_dict(),
                 "rng": capture_rng(),
             }
-            if self.ahead is not None:  # generated for the next step: a resumed run trains it, nothing is lost
-                controller["rollout_ahead"] = ahead_state(self.ahead)
+            if self.ahead:  # issued for later steps: finished, kept, and trained by a resumed run; nothing is lost
+                controller["rollout_ahead"] = [ahead_state(i.step, i.n, self.assemble(i)) for i in self.ahead.values()]
             save_controller_state(staging, controller)
             wait_all(saves)
 
@@ -389,8 +404,7 @@ class RLLoop:
         self.train_prompts.load_state_dict(state["train_prompts"])
         self.kl_ctrl.load_state_dict(state["kl_ctrl"])
         restore_rng(state["rng"])
-        if "rollout_ahead" in state:
-            self.ahead = restore_ahead(state["rollout_ahead"])
+        self.ahead = {int(saved["step"]): restore_ahead(saved) for saved in state.get("rollout_ahead", [])}
         self.update_rollout_weights(version=state["step"])
         log.info("resumed from %s at step %d", folder, state["step"])
         return int(state["step"]) + 1
@@ -435,8 +449,6 @@ class RLLoop:
                     raise RunInterrupted(self.interrupted_message(step), self.stop.signal_name)
         finally:
             bar.close()
-            if self._rollout_thread is not None:  # after a failure a generation may still be running: not awaited
-                self._rollout_thread.shutdown(wait=False, cancel_futures=True)
         return history
 
     def step_or_fail(self, step: int) -> dict[str, float]:
@@ -461,22 +473,21 @@ class RLLoop:
         )
 
 
-def ahead_state(ahead: RolloutAhead) -> dict[str, Any]:
+def ahead_state(step: int, n: int, rows: StoredRows[Batch]) -> dict[str, Any]:
     """A batch generated ahead, fetched from the store as plain tensors and lists for the controller's state.pt."""
-    batch = ahead.batch.fetch()
+    batch = rows.fetch()
     return {
-        "step": ahead.step,
-        "scored": ahead.scored,
-        "metrics": dict(ahead.metrics),
+        "step": step,
+        "n": n,
         "tensors": dict(batch.tensors.items()),
         "non_tensors": batch.non_tensors,
         "meta": batch.meta,
     }
 
 
-def restore_ahead(state: dict[str, Any]) -> RolloutAhead:
+def restore_ahead(state: dict[str, Any]) -> IssuedRollout:
     batch = Batch(state["tensors"], state["non_tensors"], state["meta"])
-    return RolloutAhead(int(state["step"]), StoredRows.put(batch), bool(state["scored"]), dict(state["metrics"]))
+    return IssuedRollout(int(state["step"]), [], int(state["n"]), SamplingConfig(), [], StoredRows.put(batch))
 
 
 def stateless_call(role: str, mesh: Any, issue: Callable[[], Any]) -> RoleCall:

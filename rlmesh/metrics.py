@@ -38,13 +38,20 @@ def rollout_probs_diff_metrics(
     }
 
 
-def staleness_metrics(weight_versions: Sequence[int | None], policy_version: int) -> dict[str, float]:
-    """rollout/staleness/{mean,max,min}: how many weight versions behind the trainer's each sample's generator was
-    (0 in sync mode, 1 at most with one_step_off). Samples with no recorded version are left out."""
-    known = [v for v in weight_versions if v is not None]
+def staleness_metrics(
+    first_versions: Sequence[int | None], last_versions: Sequence[int | None] | None, policy_version: int
+) -> dict[str, float]:
+    """rollout/staleness/{mean,max,min}: how many weight versions behind the trainer's each sample was when its
+    generation began (0 in sync mode, at most 1 with one_step_off, at most async.max_staleness in async mode), and
+    rollout/version_span/{mean,max,min}: how many syncs landed while it was generated (last - first version).
+    Samples with no recorded version are left out."""
+    lasts = list(last_versions) if last_versions is not None else list(first_versions)
+    known = [(first, last) for first, last in zip(first_versions, lasts, strict=True) if first is not None]
     if not known:
         return {}
-    return _stats("rollout/staleness", torch.tensor([policy_version - v for v in known], dtype=torch.float32))
+    stale = torch.tensor([policy_version - first for first, _ in known], dtype=torch.float32)
+    spans = torch.tensor([(last if last is not None else first) - first for first, last in known], dtype=torch.float32)
+    return _stats("rollout/staleness", stale) | _stats("rollout/version_span", spans)
 
 
 def data_metrics(batch: Batch, *, max_response_length: int, max_prompt_length: int) -> dict[str, float]:

@@ -146,6 +146,38 @@ def test_weight_version_increases_with_every_sync(setup):
         assert [s.weight_version for s in samples] == [version, version]
 
 
+def test_a_sync_during_generation_pauses_requests_which_finish_on_the_new_weights(setup):
+    """trainer.mode=async pushes onto requests in flight: they pause with their tokens kept, resume on the new
+    weights (KV recomputed), and finish; tokens sampled before the sync keep the old weights' log-probs."""
+    sender, rollout, sync = setup
+    # No min_tokens: it masks eos, and the engine's log-probs would then differ from the trainer's by log(1 - p_eos)
+    long = SamplingConfig(temperature=1.0, max_tokens=120)
+    engine = rollout[0]
+    for attempt in range(3):  # a request must still be running when the push starts; 64 x 120 tokens take a while
+        version = engine.weight_version.call_one().result(timeout=30)
+        in_flight = engine.generate.call_one(PROMPT, 64, long, 40 + attempt)
+        time.sleep(0.3)
+        if in_flight.done():
+            continue
+        sender.perturb.all(0.05, 50 + attempt).result(timeout=60)
+        sync.push(version + 1)
+        samples = in_flight.result(timeout=120)
+        break
+    else:
+        pytest.fail("64 requests of 120 tokens finished within 0.3 s three times: no sync could land on them")
+    straddled = [s for s in samples if s.weight_version == version and s.last_weight_version == version + 1]
+    assert straddled, [(s.weight_version, s.last_weight_version) for s in samples]
+    sample = max(straddled, key=lambda s: len(s.response_ids))
+    assert len(sample.response_ids) == len(sample.logprobs) >= 4  # nothing lost across the pause
+    new = sender.logprobs_of.choose(PROMPT, sample.response_ids).result(timeout=60)
+    # The last tokens were sampled after the sync, on KV recomputed with the new weights: the new model's log-probs.
+    # The first was sampled before it, by the old weights, which the perturbation moved by far more than that.
+    assert max_diff(sample.logprobs[-3:], new[-3:]) < 1e-4
+    assert abs(sample.logprobs[0] - new[0]) > 1e-3
+    # Samples that finished before the sync are labelled with the old version only.
+    assert all(s.weight_version == version for s in samples)
+
+
 def test_the_object_store_transport_loads_through_the_same_path(setup):
     from rlmesh.sync.object_store import ObjectStoreWeightSync
 

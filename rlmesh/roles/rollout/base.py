@@ -13,8 +13,11 @@ class Sample:
     prompt_ids: list[int]
     response_ids: list[int]
     logprobs: list[float]  # rollout log-prob of each response token under the sampling distribution
-    weight_version: int  # the policy version that produced it
+    weight_version: int  # the policy version that began it
     finish_reason: str = "stop"  # stop | length
+    # The version that finished it: later than weight_version when a sync landed while it was generated (its
+    # tokens after the sync were sampled by the new weights). None: the same as weight_version.
+    last_weight_version: int | None = None
 
 
 def sampling_seed(base_seed: int, step: int, prompt_index: int) -> int:

@@ -189,7 +189,7 @@ class VLLMRollout:
 
         self._check_serving()
         params = self._sampling_params(sampling or self._config.sampling, n, seed)
-        version = self._weight_version  # a sample that straddles a sync is stamped with the version it began on
+        version = self._weight_version  # what the engine serves now; its outputs say which version sampled what
         final = None
         prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
         async for output in self._engine.generate(prompt, params, uuid.uuid4().hex):
@@ -205,13 +205,15 @@ class VLLMRollout:
                 raise RuntimeError(
                     f"vLLM returned {0 if logprobs is None else len(logprobs)} log-probs for {len(response)} tokens"
                 )
+            first, last = _version_span(completion.weight_versions, version)
             samples.append(
                 Sample(
                     prompt_ids=list(prompt_ids),
                     response_ids=response,
                     logprobs=[_logprob_of(step, token) for step, token in zip(logprobs, response, strict=True)],
-                    weight_version=version,
+                    weight_version=first,
                     finish_reason=str(completion.finish_reason),
+                    last_weight_version=last,
                 )
             )
         return samples
@@ -302,9 +304,18 @@ class VLLMRollout:
     @endpoint
     async def receive_weights(self, name: str, timeout_s: float) -> dict[str, float]:
         """Receive one sync over group `name` (one rpc per engine, given up after `timeout_s`), then reset the
-        prefix cache and stamp the version the sender broadcast."""
+        prefix cache and stamp the version the sender broadcast. Requests in flight are paused with their tokens kept
+        (no step runs on half-loaded weights) and resume after it, their KV recomputed under the new weights unless
+        rollout.reuse_kv_across_syncs."""
         if "weights" in self._asleep:
             raise EngineStateError("this engine's weights are asleep; wake_up(['weights']) before a sync")
+        await self._engine.pause_generation(mode="keep", clear_cache=False)
+        try:
+            return await self._receive_paused(name, timeout_s)
+        finally:
+            await self._engine.resume_generation()
+
+    async def _receive_paused(self, name: str, timeout_s: float) -> dict[str, float]:
         try:
             results = await self._engine.collective_rpc("rlmesh_receive_weights", timeout=timeout_s, args=(name,))
         except Exception:
@@ -322,9 +333,12 @@ class VLLMRollout:
         versions = {int(r["version"]) for r in results}
         if len(versions) != 1:
             raise RuntimeError(f"the engine's workers loaded different versions {sorted(versions)}")
-        # Running requests are preempted and recomputed, so no KV computed with the old weights is reused.
-        await self._engine.reset_prefix_cache(reset_running_requests=True)
+        # Running requests are preempted and recomputed, so no KV computed with the old weights is reused; opted
+        # in, they keep theirs, and only the blocks no request holds leave the prefix cache.
+        await self._engine.reset_prefix_cache(reset_running_requests=not self._config.reuse_kv_across_syncs)
         self._weight_version = versions.pop()
+        # The engine labels every token it samples from now on with this version (CompletionOutput.weight_versions).
+        await self._engine.update_weight_version(str(self._weight_version))
         self._broken = None
         return {
             "version": float(self._weight_version),
@@ -375,6 +389,15 @@ class VLLMRollout:
     def close_engine(self) -> None:
         """Shut the engine's processes down; the mesh's shutdown kills the actor, and vLLM's children follow."""
         self._engine.shutdown()
+
+
+def _version_span(spans: Any, started_on: int) -> tuple[int, int]:
+    """(first, last) weight version of a completion's tokens, from vLLM's per-token version spans; an engine that
+    has had no sync labels its tokens "default", which is version 0."""
+    if not spans:
+        return started_on, started_on
+    versions = [0 if span.version == "default" else int(span.version) for span in spans]
+    return versions[0], versions[-1]
 
 
 def check_kv_cache_memory(bad: Report, cfg: RlmeshConfig) -> None:

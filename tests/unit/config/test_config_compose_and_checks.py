@@ -115,10 +115,17 @@ def test_rollout_correction_settings_are_checked_before_any_actor_starts():
 
 
 def test_trainer_modes_and_what_they_cannot_run_with_are_named():
-    assert "trainer.mode='async': unknown mode" in problems("trainer.mode=async")
+    assert "trainer.mode='lockstep': unknown mode" in problems("trainer.mode=lockstep")
     text = problems("trainer.mode=one_step_off", "roles.rollout.enable_sleep_mode=true")
     assert "roles.rollout.enable_sleep_mode=True" in text and "a sleeping engine cannot generate" in text
+    text = problems("trainer.asynchronous.max_staleness=2")  # the default mode is sync
+    assert "trainer.asynchronous.max_staleness=2: only trainer.mode=async reads it" in text
+    assert "must be >= 0" in problems("trainer.mode=async", "trainer.asynchronous.max_staleness=-1")
+    text = problems("trainer.mode=async", "algorithm.dynamic_sampling.enable=true")
+    assert "algorithm.dynamic_sampling.enable=True" in text and "set trainer.mode=sync" in text
+    assert "greedy baseline" in problems("trainer.mode=one_step_off", "algorithm.adv_estimator=remax")
     check_config(load("trainer.mode=one_step_off"), gpus_available=0)
+    check_config(load("trainer.mode=async", "trainer.asynchronous.max_staleness=2"), gpus_available=0)
 
 
 def test_missing_model_and_data_paths_are_named(monkeypatch: pytest.MonkeyPatch):
