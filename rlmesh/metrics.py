@@ -43,7 +43,8 @@ def staleness_metrics(
 ) -> dict[str, float]:
     """rollout/staleness/{mean,max,min}: how many weight versions behind the trainer's each sample was when its
     generation began (0 in sync mode, at most 1 with one_step_off, at most async.max_staleness in async mode), and
-    rollout/version_span/{mean,max,min}: how many syncs landed while it was generated (last - first version).
+    rollout/version_span/{mean,max,min}: how many syncs landed while it was generated (last - first version), and
+    the staleness histogram as rollout/staleness/frac_K, the fraction of samples K versions old, for each K seen.
     Samples with no recorded version are left out."""
     lasts = list(last_versions) if last_versions is not None else list(first_versions)
     known = [(first, last) for first, last in zip(first_versions, lasts, strict=True) if first is not None]
@@ -51,7 +52,9 @@ def staleness_metrics(
         return {}
     stale = torch.tensor([policy_version - first for first, _ in known], dtype=torch.float32)
     spans = torch.tensor([(last if last is not None else first) - first for first, last in known], dtype=torch.float32)
-    return _stats("rollout/staleness", stale) | _stats("rollout/version_span", spans)
+    ages, counts = stale.unique(return_counts=True)
+    histogram = {f"rollout/staleness/frac_{int(age)}": int(c) / len(known) for age, c in zip(ages, counts, strict=True)}
+    return _stats("rollout/staleness", stale) | _stats("rollout/version_span", spans) | histogram
 
 
 def data_metrics(batch: Batch, *, max_response_length: int, max_prompt_length: int) -> dict[str, float]:

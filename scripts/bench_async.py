@@ -27,11 +27,12 @@ SYSTEMS = {
     "async1": ["trainer.mode=async", "trainer.asynchronous.max_staleness=1"],
     "async2": ["trainer.mode=async", "trainer.asynchronous.max_staleness=2"],
 }
-# The tiny model usually answers in 4-6 tokens then stops; at temperature 1.3 a few samples miss the stop and run on
-# to the cap, so each step's generation time is set by its longest samples.
+# The tiny model usually answers in 3-6 tokens then stops; at temperature 2.0 some samples miss the stop and run on
+# (measured: mean 3.7 tokens, the longest 30 of the 64 allowed), so each step's generation waits on its longest
+# samples. A milder tail than a reasoning model's: none reached the cap.
 LONG_TAIL = [
     "roles.rollout.sampling.max_tokens=64",
-    "roles.rollout.sampling.temperature=1.3",
+    "roles.rollout.sampling.temperature=2.0",
     "roles.rollout.max_model_len=96",
 ]
 

