@@ -57,6 +57,7 @@ def tiny_folders(tmp_path: Path) -> dict[str, Path]:
 
 
 PPO = ["recipe=ppo"]
+CORRECTION = "algorithm.rollout_correction"
 GPU = "gpu"  # the case pretends the machine has 8 GPUs
 # (id, overrides, the key the message must name, a piece of the message)
 CASES: list[tuple[str, list[str], str, str]] = [
@@ -241,6 +242,41 @@ CASES: list[tuple[str, list[str], str, str]] = [
         "lives on one trainer rank's GPU",
     ),
     ("sleep_cpu", ["roles.rollout.enable_sleep_mode=true"], "roles.rollout.enable_sleep_mode", "run is on CPU"),
+    (
+        "correction_level",
+        ["algorithm.recompute_old_logprobs=true", f"{CORRECTION}.rollout_is=tokens"],
+        f"{CORRECTION}.rollout_is",
+        "unknown level",
+    ),
+    ("correction_bypass", [f"{CORRECTION}.rollout_is=token"], f"{CORRECTION}.rollout_is", "count it twice"),
+    ("correction_cap", [f"{CORRECTION}.rollout_is_threshold=0.5"], f"{CORRECTION}.rollout_is_threshold", ">= 1"),
+    ("rejection_level", [f"{CORRECTION}.rollout_rs=seq"], f"{CORRECTION}.rollout_rs", "unknown level"),
+    (
+        "rejection_upper",
+        [f"{CORRECTION}.rollout_rs=token", f"{CORRECTION}.rollout_rs_threshold=0.9"],
+        f"{CORRECTION}.rollout_rs_threshold",
+        "upper bound must be",
+    ),
+    (
+        "rejection_lower",
+        [f"{CORRECTION}.rollout_rs=token", f"{CORRECTION}.rollout_rs_threshold_lower=1.5"],
+        f"{CORRECTION}.rollout_rs_threshold_lower",
+        "lower bound must be in (0, 1]",
+    ),
+    ("trainer_mode", ["trainer.mode=lockstep"], "trainer.mode", "unknown mode"),
+    (
+        "staleness_in_sync",
+        ["trainer.asynchronous.max_staleness=2"],
+        "trainer.asynchronous.max_staleness",
+        "only trainer.mode=async reads it",
+    ),
+    (
+        "async_dynamic_sampling",
+        ["trainer.mode=async", "algorithm.dynamic_sampling.enable=true"],
+        "algorithm.dynamic_sampling.enable",
+        "issues a step's prompts before",
+    ),
+    ("async_remax", ["trainer.mode=one_step_off", "recipe=remax"], "algorithm.adv_estimator", "greedy baseline"),
     ("no_vllm", ["no_vllm"], "roles.rollout._target_", "vLLM is not installed"),
     ("old_vllm", ["old_vllm"], "roles.rollout._target_", "vLLM 0.11.0 is installed, and rlmesh supports 0.32.x"),
 ]
