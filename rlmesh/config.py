@@ -155,8 +155,9 @@ class RolloutConfig:
     sync_bucket_mb: int = 256
     sync_timeout_s: float = 120.0
     # A sync that lands while requests are generating (trainer.mode=async) pauses the engine with them kept. By
-    # default their KV cache is recomputed under the new weights when they resume; true reuses the KV computed by
-    # the old weights (faster, and no longer exactly the new policy's continuation).
+    # default their KV cache is recomputed under the new weights when they resume, and the prefix cache is emptied.
+    # true keeps the KV computed by older weights, theirs and the prefix cache's while any request runs (vLLM
+    # resets it only when no block is in use): faster, and no longer exactly the new policy's continuation.
     reuse_kv_across_syncs: bool = False
     resources_per_engine: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
 
@@ -224,7 +225,9 @@ class RolloutCorrectionConfig:
     rollout_corr/ metrics; rlmesh.algo.rollout_correction has the formulas). The mismatch metrics are logged with
     everything off. Decoupled mode (recompute_old_logprobs=true) weights and rejects by pi_old / pi_rollout before
     the update; bypass mode (false, verl's bypass_mode) rejects by pi_theta / pi_rollout in the loss, where the PPO
-    ratio already is the importance ratio, so it takes no rollout_is."""
+    ratio already is the importance ratio, so it takes no rollout_is. Rejected tokens leave the loss's normaliser in
+    decoupled mode (and the critic's loss too); in bypass mode, decided micro-batch by micro-batch, they keep their
+    place in it with weight 0."""
 
     rollout_is: str | None = None  # token | sequence: importance weights on the policy loss, truncated (TIS)
     rollout_is_threshold: float = 2.0  # the truncation cap C

@@ -172,8 +172,8 @@ class RLLoop:
         return metrics
 
     def take_rollout(self, step: int, metrics: dict[str, float]) -> tuple[StoredRows[Batch], bool]:
-        """This step's batch. With a lookahead, first issue every step up to it that is not yet (on the engines'
-        current weights, one version behind the trainer's), then wait for this step's: issued ahead, or now."""
+        """This step's batch. With a lookahead, first issue every step up to it that is not yet, on the engines'
+        current weights (the trainer's before this step's update), then wait for this step's: issued ahead, or now."""
         if self.cfg.trainer.mode == "sync" and step not in self.ahead:
             return self.rollout_batch(step, metrics)
         sampling = self.cfg.roles.rollout.sampling

@@ -165,6 +165,7 @@ class VLLMRollout:
         self._dtype = str(self._engine.model_config.dtype).removeprefix("torch.")
         self._weight_version = 0
         self._broken: str | None = None
+        self._held_by_sync = False  # paused by receive_weights, and not yet resumed (a failed sync keeps it so)
         self._asleep: set[str] = set()  # what sleep freed and wake_up has not yet brought back
         self._engine_link = EngineLink(
             worker_count=self._worker_count,
@@ -303,17 +304,23 @@ class VLLMRollout:
 
     @endpoint
     async def receive_weights(self, name: str, timeout_s: float) -> dict[str, float]:
-        """Receive one sync over group `name` (one rpc per engine, given up after `timeout_s`), then reset the
-        prefix cache and stamp the version the sender broadcast. Requests in flight are paused with their tokens kept
+        """Receive one sync over group `name` (one rpc per engine, given up after `timeout_s`), then stamp the
+        version the sender broadcast and reset the prefix cache. Requests in flight are paused with their tokens kept
         (no step runs on half-loaded weights) and resume after it, their KV recomputed under the new weights unless
-        rollout.reuse_kv_across_syncs."""
+        rollout.reuse_kv_across_syncs. After a sync that left the weights half-loaded they stay paused until a later
+        sync succeeds (or the engine is replaced, and the mesh re-issues them)."""
         if "weights" in self._asleep:
             raise EngineStateError("this engine's weights are asleep; wake_up(['weights']) before a sync")
-        await self._engine.pause_generation(mode="keep", clear_cache=False)
+        # Paused by someone else (vLLM's sleep pauses the engine; wake_up resumes it), the engine is left as it is.
+        if not self._held_by_sync and not await self._engine.is_paused():
+            await self._engine.pause_generation(mode="keep", clear_cache=False)
+            self._held_by_sync = True
         try:
             return await self._receive_paused(name, timeout_s)
         finally:
-            await self._engine.resume_generation()
+            if self._held_by_sync and self._broken is None:
+                await self._engine.resume_generation()
+                self._held_by_sync = False
 
     async def _receive_paused(self, name: str, timeout_s: float) -> dict[str, float]:
         try:
@@ -333,13 +340,14 @@ class VLLMRollout:
         versions = {int(r["version"]) for r in results}
         if len(versions) != 1:
             raise RuntimeError(f"the engine's workers loaded different versions {sorted(versions)}")
-        # Running requests are preempted and recomputed, so no KV computed with the old weights is reused; opted
-        # in, they keep theirs, and only the blocks no request holds leave the prefix cache.
-        await self._engine.reset_prefix_cache(reset_running_requests=not self._config.reuse_kv_across_syncs)
         self._weight_version = versions.pop()
+        self._broken = None
         # The engine labels every token it samples from now on with this version (CompletionOutput.weight_versions).
         await self._engine.update_weight_version(str(self._weight_version))
-        self._broken = None
+        # Running requests are preempted and recomputed, so no KV computed with the old weights is reused. Opted in,
+        # nothing is reset while a request runs (vLLM resets the prefix cache only when no block is in use): running
+        # requests keep their KV, and new ones may reuse cached prefixes computed by older weights.
+        await self._engine.reset_prefix_cache(reset_running_requests=not self._config.reuse_kv_across_syncs)
         return {
             "version": float(self._weight_version),
             "seconds": max(float(r["seconds"]) for r in results),
