@@ -39,16 +39,12 @@ def assemble_generations(
         non_tensors={key: [v for v in values for _ in range(n)] for key, values in prompts.items()}
         | {
             "weight_version": [s.weight_version for s in samples],
-            "last_weight_version": [_last_version(s) for s in samples],
+            # None where a custom rollout's samples do not record it: staleness_metrics reads it as weight_version
+            "last_weight_version": [getattr(s, "last_weight_version", None) for s in samples],
         },
         meta={"temperature": layout.temperature},
     )
     return batch, None
-
-
-def _last_version(sample: Any) -> int | None:
-    last = getattr(sample, "last_weight_version", None)  # a custom rollout's samples may not record it
-    return sample.weight_version if last is None else last
 
 
 def reward_summary(scored: Batch) -> Batch:
