@@ -264,6 +264,56 @@ def test_a_controller_sigkilled_while_saving_leaves_the_previous_checkpoint_whic
     )
 
 
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_controller_sigkilled_in_async_training_resumes_with_its_batches_issued_ahead_and_trains_each_prompt_once(
+    tmp_path: Path, runs: list[Run], report: Report
+):
+    """trainer.mode=async, K=2: the controller is SIGKILLed during update 4, with steps 4 and 5 issued ahead. The
+    checkpoint of step 3 holds those two batches; the resumed run trains them, and draws no prompt again."""
+    plan, log = tmp_path / "plan.json", tmp_path / "events.jsonl"
+    write_plan(plan, log=str(log))
+    out, steps, prompts, n = tmp_path / "run", 5, 8, 4
+    overrides = [
+        *SMALL,
+        FAULTY_TRAINER,
+        "trainer.mode=async",
+        "trainer.asynchronous.max_staleness=2",
+        f"trainer.total_steps={steps}",
+        "trainer.save_freq=1",
+    ]
+    first = Run(out, overrides, plan)
+    runs.append(first)
+    first.wait_for(lambda: any(e["update"] == 4 for e in events(log, "trained")), 240, "update 4")
+    killed_at = time.monotonic()
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(timeout=30)
+    before = {e["update"]: e["uids"] for e in events(log, "trained")}
+    assert CheckpointManager(out / "checkpoints", keep_last=2).latest() == out / "checkpoints" / "step_000003"
+
+    write_plan(log=str(log))
+    resumed = run(compose_config(*overrides, f"trainer.output_dir={out}", "trainer.resume=auto"))
+    assert [m["training/global_step"] for m in resumed] == [4.0, 5.0]
+    after = [e for e in events(log, "trained")][len(before) :]
+    assert [e["update"] for e in after] == [4, 5]
+    trained = {step: uids for step, uids in before.items() if step <= 3} | {e["update"]: e["uids"] for e in after}
+    assert set(after[0]["uids"]) == set(before[4])  # the batch issued before the kill, not a new draw
+    for step, uids in trained.items():
+        counts = {uid: uids.count(uid) for uid in uids}
+        assert len(counts) == prompts and set(counts.values()) == {n}, f"step {step}: {counts}"
+        assert all(uid.startswith(f"{step}/") for uid in counts)
+    indices = [uid.split("/")[1] for uids in trained.values() for uid in set(uids)]
+    assert len(indices) == len(set(indices)) == steps * prompts  # nothing dropped, nothing trained twice
+    assert [m["rollout/staleness/max"] for m in resumed] == [2.0, 2.0]  # issued at versions 2 and 3, as before
+    report(
+        "async",
+        "controller SIGKILLed during update 4 of an async run (K=2), steps 4 and 5 issued ahead",
+        "resume=auto trained the two batches saved with step 3's checkpoint; every prompt trained exactly once",
+        time.monotonic() - killed_at,
+        0,
+        0,
+    )
+
+
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A default-recipe run (vLLM) interrupted by Ctrl-C: SIGINT to its whole process group, as a terminal sends."""
