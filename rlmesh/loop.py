@@ -32,9 +32,17 @@ from rlmesh.checkpoint import (
 from rlmesh.config import RlmeshConfig, SamplingConfig
 from rlmesh.data import Batch, PromptLoader, PromptRow
 from rlmesh.mesh import ActorDiedError, Stored, StoredRows, run_stored, wait_all
-from rlmesh.metrics import throughput_metrics, validation_metrics
+from rlmesh.metrics import idle_ratio, throughput_metrics, validation_metrics
 from rlmesh.recovery import RoleCall, RunFailed, RunInterrupted, SkippedUpdates, StopRequest
-from rlmesh.roles.contracts import PolicyMesh, ReferenceMesh, RolloutMesh, ScorerMesh, SleepingRolloutMesh, ValueMesh
+from rlmesh.roles.contracts import (
+    BusyTimedRolloutMesh,
+    PolicyMesh,
+    ReferenceMesh,
+    RolloutMesh,
+    ScorerMesh,
+    SleepingRolloutMesh,
+    ValueMesh,
+)
 from rlmesh.roles.rollout.base import Sample, sampling_seed
 from rlmesh.sync.transports import WeightSyncError
 from rlmesh.tracking import ProgressBar, Tracker, timed
@@ -113,6 +121,10 @@ class RLLoop:
         self.lookahead = {"sync": 0, "one_step_off": 1}.get(mode, cfg.trainer.asynchronous.max_staleness)
         self.finish_before_sync = mode == "one_step_off"  # else (async) syncs land on requests in flight
         self.ahead: dict[int, IssuedRollout] = {}  # issued for a later step than the one running
+        # Engines that report their busy time (the BusyTimedRollout contract), and their last readings.
+        timed = hasattr(roles.rollout, "busy_time")
+        self.timed_engines = cast("BusyTimedRolloutMesh", roles.rollout) if timed else None
+        self.engine_clocks: list[dict[str, float]] | None = None
         self.last_step = 0  # fit's total_steps: nothing is issued for a step after it
 
     # ---------------------------------------------------------------- one step
@@ -168,6 +180,7 @@ class RLLoop:
         metrics["timing_s/step"] = time.perf_counter() - t_step
         waited = metrics.get("timing_s/gen", 0.0) + metrics.get("timing_s/wait_next_gen", 0.0)
         metrics["trainer/idle_ratio"] = waited / max(metrics["timing_s/step"], 1e-9)  # waiting on generation
+        metrics |= self.rollouter_idle()
         metrics |= throughput_metrics(batch_metrics["perf/total_num_tokens"], metrics["timing_s/step"], self.n_devices)
         return metrics
 
@@ -184,6 +197,21 @@ class RLLoop:
         with timed(metrics, "gen"):  # the wait: the generation itself overlapped the steps before
             batch = self.assemble(self.ahead.pop(step))
         return batch, False
+
+    def rollouter_idle(self) -> dict[str, float]:
+        """rollouter/idle_ratio since the last reading: the engines' share of time with nothing to generate. A
+        reading that fails (an engine is down) skips the metric; the next one starts afresh."""
+        if self.timed_engines is None:
+            return {}
+        before = self.engine_clocks
+        try:
+            self.engine_clocks = self.timed_engines.busy_time.all().result()
+        except Exception as err:
+            log.debug("no engine busy times this step: %s", err)
+            self.engine_clocks = None
+            return {}
+        ratio = idle_ratio(before, self.engine_clocks) if before is not None else None
+        return {} if ratio is None else {"rollouter/idle_ratio": ratio}
 
     def rollout_batch(self, step: int, metrics: dict[str, float]) -> tuple[StoredRows[Batch], bool]:
         """n samples per prompt, and whether they are scored already. With DAPO's dynamic sampling, keep drawing
@@ -415,6 +443,7 @@ class RLLoop:
         trainer_cfg = self.cfg.trainer
         self.last_step = total_steps
         start = self.resume()
+        self.rollouter_idle()  # the engines' clocks at the start: the first step's ratio is measured from here
         history: list[dict[str, float]] = []
         bar = ProgressBar(total_steps, initial_step=start - 1, enabled=trainer_cfg.progress_bar)
         try:

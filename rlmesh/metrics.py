@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -55,6 +55,18 @@ def staleness_metrics(
     ages, counts = stale.unique(return_counts=True)
     histogram = {f"rollout/staleness/frac_{int(age)}": int(c) / len(known) for age, c in zip(ages, counts, strict=True)}
     return _stats("rollout/staleness", stale) | _stats("rollout/version_span", spans) | histogram
+
+
+def idle_ratio(before: Sequence[Mapping[str, float]], after: Sequence[Mapping[str, float]]) -> float | None:
+    """rollouter/idle_ratio: the share of the engines' time, between two readings of each engine's BusyClock, with
+    no request in flight (or paused for a weight sync). An engine replaced in between (its alive time went back)
+    counts from its start. None when no time passed."""
+    busy = alive = 0.0
+    for old, new in zip(before, after, strict=True):
+        restarted = new["alive_s"] < old["alive_s"]
+        busy += new["busy_s"] - (0.0 if restarted else old["busy_s"])
+        alive += new["alive_s"] - (0.0 if restarted else old["alive_s"])
+    return 1.0 - busy / alive if alive > 0 else None
 
 
 def data_metrics(batch: Batch, *, max_response_length: int, max_prompt_length: int) -> dict[str, float]:

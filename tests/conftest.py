@@ -64,7 +64,7 @@ def compose_config(*overrides: str) -> DictConfig:
 
 # Metrics that depend on timing, and those computed from float reductions whose order can change with how requests
 # were batched (the rollout's old log-probs differ by ~1e-7 between identical runs, so the PPO losses do too).
-NOT_REPRODUCIBLE = ("timing_s/", "perf/", "sync/", "weight_sync/", "trainer/idle_ratio")
+NOT_REPRODUCIBLE = ("timing_s/", "perf/", "sync/", "weight_sync/", "trainer/idle_ratio", "rollouter/idle_ratio")
 FLOAT_REDUCTIONS = ("actor/", "critic/values", "critic/returns", "critic/vf")
 
 # Log-prob differences and the mismatch metrics made from them: their noise is that of the log-probs, absolute near 0

@@ -87,6 +87,14 @@ class SleepingRollout(Rollout, Protocol):
     async def wake_up(self, tags: list[str] | None = None) -> bool: ...
 
 
+class BusyTimedRollout(Rollout, Protocol):
+    """A rollout that reports its engine's busy time (rlmesh.roles.rollout.base.BusyClock): the loop turns it into
+    rollouter/idle_ratio. Optional: without it that metric is left out."""
+
+    @endpoint
+    async def busy_time(self) -> dict[str, float]: ...
+
+
 class PolicyLearner(Protocol):
     """The policy: old log-probs, PPO-style updates, weights out, checkpoints. Constructed as
     cls(config: ActorConfig, *, rollout_n: int, total_training_steps: int, seed: int[, device: str])."""
@@ -196,6 +204,7 @@ def _parameters(fn: Any) -> list[str]:
 # the contract's signatures, and an endpoint the contract lacks. The plan checked the classes against the contracts.
 RolloutMesh = ActorMesh[Rollout]
 SleepingRolloutMesh = ActorMesh[SleepingRollout]
+BusyTimedRolloutMesh = ActorMesh[BusyTimedRollout]
 PolicyMesh = ActorMesh[PolicyLearner]
 ValueMesh = ActorMesh[ValueLearner]
 ReferenceMesh = ActorMesh[Reference]

@@ -47,6 +47,10 @@ def test_on_vllm_engines_samples_are_one_version_behind_and_only_async_syncs_mid
         assert all(m["rollout/version_span/max"] == 0 for m in history)
     assert all(m["rollout/version_span/max"] <= 1 for m in history)
     assert all(m["actor/optimizer_steps"] >= 1 for m in history)
+    # The engine idles between its requests (while the trainer scores and updates) and works some of every step but
+    # the last, whose batch was issued and finished during the step before.
+    idle = [m["rollouter/idle_ratio"] for m in history]
+    assert all(0.0 < ratio < 1.0 for ratio in idle[:-1]) and 0.0 < idle[-1] <= 1.0, idle
     # The mismatch dashboard (bypass mode: pi_theta against the engine's log-probs) sees the one-version lag: on
     # step 1 the fp32 engine and the trainer agree; later steps train samples of weights one update older.
     assert abs(history[0]["rollout_corr/kl"]) < 1e-5
@@ -72,7 +76,7 @@ def test_async_with_staleness_0_is_the_synchronous_run_bit_for_bit(tmp_path: Pat
             f"trainer.output_dir={tmp_path / 'async'}",
         )
     )
-    timings = ("timing_s/", "perf/", "trainer/idle_ratio")
+    timings = ("timing_s/", "perf/", "trainer/idle_ratio", "rollouter/idle_ratio")
     for want, got in zip(sync, asynchronous, strict=True):
         compared = {key for key in want if not key.startswith(timings)}
         assert compared <= set(got)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -24,3 +27,45 @@ def sampling_seed(base_seed: int, step: int, prompt_index: int) -> int:
     """A per-request seed from (run seed, step, prompt): reproducible and independent of routing or restarts."""
     digest = hashlib.blake2b(f"{base_seed}/{step}/{prompt_index}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+class BusyClock:
+    """An engine's busy time: the seconds during which it had a request in flight and was not paused, since it
+    started. One per rollout actor, used from its event loop only (no lock)."""
+
+    def __init__(self) -> None:
+        self.started = self.since = time.monotonic()
+        self.busy_s = 0.0
+        self.requests = 0
+        self.pauses = 0
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self.requests and not self.pauses:
+            self.busy_s += now - self.since
+        self.since = now
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        self._tick()
+        self.requests += 1
+        try:
+            yield
+        finally:
+            self._tick()
+            self.requests -= 1
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        self._tick()
+        self.pauses += 1
+        try:
+            yield
+        finally:
+            self._tick()
+            self.pauses -= 1
+
+    def reading(self) -> dict[str, float]:
+        """{"busy_s", "alive_s"}: both cumulative, so a reader takes differences between two readings."""
+        self._tick()
+        return {"busy_s": self.busy_s, "alive_s": self.since - self.started}

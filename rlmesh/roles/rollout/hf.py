@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from rlmesh.config import ModelConfig, RolloutConfig, SamplingConfig
 from rlmesh.engine.devices import resolve_device, resolve_dtype
 from rlmesh.mesh import endpoint
-from rlmesh.roles.rollout.base import Sample
+from rlmesh.roles.rollout.base import BusyClock, Sample
 
 # How long the scheduler, woken from idle, waits for more concurrent requests before starting a batch. The loop sends
 # one `choose` per prompt; Ray delivers pipelined calls about 0.3 ms apart (DESIGN.md), so a few ms gathers a burst.
@@ -207,6 +207,7 @@ class HFRollout:
         self._scheduler: asyncio.Task[None] | None = None
         self.generated_tokens = 0
         self.generation_seconds = 0.0
+        self._busy = BusyClock()
 
     def _eos_token_ids(self) -> frozenset[int]:
         """The tokenizer's eos and generation_config's eos ids (vLLM stops on both)."""
@@ -240,7 +241,8 @@ class HFRollout:
             self._pending.append(_Row(request, index, random.Random(sample_seed(request_seed, index))))
         if self._scheduler is None or self._scheduler.done():
             self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
-        return await request.future
+        with self._busy.request():
+            return await request.future
 
     @endpoint
     async def load_weights(self, weights: Mapping[str, torch.Tensor], version: int) -> None:
@@ -250,7 +252,8 @@ class HFRollout:
         ValueError says which; dtypes are converted. A subset of the weights (one bucket) is allowed, an empty dict
         is not: a sync that silently changes nothing must be impossible.
         """
-        await asyncio.to_thread(self._load_weights, weights, version)
+        with self._busy.paused():  # batches wait for the model lock meanwhile
+            await asyncio.to_thread(self._load_weights, weights, version)
 
     @endpoint
     async def weight_version(self) -> int:
@@ -264,6 +267,11 @@ class HFRollout:
         self._check_token_ids("prompt_ids", prompt)
         self._check_token_ids("response_ids", response)
         return await asyncio.to_thread(self._logprobs_of, prompt, response)
+
+    @endpoint
+    async def busy_time(self) -> dict[str, float]:
+        """Seconds with a request waiting or generating, outside weight loads, and seconds alive (BusyClock)."""
+        return self._busy.reading()
 
     @endpoint
     async def generation_stats(self) -> dict[str, float]:

@@ -15,7 +15,7 @@ from rlmesh.config import ModelConfig, Report, RlmeshConfig, RolloutConfig, Samp
 from rlmesh.engine.devices import resolve_dtype
 from rlmesh.mesh import endpoint
 from rlmesh.roles.rollout import kv_cache as kv_sizing
-from rlmesh.roles.rollout.base import Sample
+from rlmesh.roles.rollout.base import BusyClock, Sample
 from rlmesh.roles.rollout.kv_cache import GIB, KVCacheNeed, kv_cache_need
 from rlmesh.sync.engine_link import EngineLink
 from rlmesh.sync.manifest import dtype_name
@@ -123,7 +123,7 @@ def executor_backend(tp: int, device: str) -> str | type | None:
 
 class VLLMRollout:
     """A rollout actor owning one vLLM AsyncLLM engine; many concurrent `generate` calls batch inside the engine.
-    Plays the CollectiveRollout and SleepingRollout contracts (rlmesh.roles.contracts).
+    Plays the CollectiveRollout, SleepingRollout and BusyTimedRollout contracts (rlmesh.roles.contracts).
 
     Rollout log-probs are vLLM's `processed_logprobs`: the log-probability of each sampled token under the
     distribution it was sampled from, i.e. after temperature, top-k and top-p (renormalised over the kept tokens).
@@ -167,6 +167,7 @@ class VLLMRollout:
         self._broken: str | None = None
         self._held_by_sync = False  # paused by receive_weights, and not yet resumed (a failed sync keeps it so)
         self._asleep: set[str] = set()  # what sleep freed and wake_up has not yet brought back
+        self._busy = BusyClock()
         self._engine_link = EngineLink(
             worker_count=self._worker_count,
             join_workers=self.join_weight_group,
@@ -193,8 +194,9 @@ class VLLMRollout:
         version = self._weight_version  # what the engine serves now; its outputs say which version sampled what
         final = None
         prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
-        async for output in self._engine.generate(prompt, params, uuid.uuid4().hex):
-            final = output
+        with self._busy.request():
+            async for output in self._engine.generate(prompt, params, uuid.uuid4().hex):
+                final = output
         assert final is not None
         samples = []
         for completion in final.outputs:
@@ -275,6 +277,11 @@ class VLLMRollout:
         return self._weight_version
 
     @endpoint
+    async def busy_time(self) -> dict[str, float]:
+        """Seconds with a request in flight and the engine not paused for a sync, and seconds alive (BusyClock)."""
+        return self._busy.reading()
+
+    @endpoint
     async def engine_info(self) -> dict[str, Any]:
         """What the weight sync needs to know: one entry per worker (rank, device, GPU UUID), the engine's dtype,
         whether it ties lm_head to the embedding, and the current weight version."""
@@ -316,7 +323,8 @@ class VLLMRollout:
             await self._engine.pause_generation(mode="keep", clear_cache=False)
             self._held_by_sync = True
         try:
-            return await self._receive_paused(name, timeout_s)
+            with self._busy.paused():
+                return await self._receive_paused(name, timeout_s)
         finally:
             if self._held_by_sync and self._broken is None:
                 await self._engine.resume_generation()
