@@ -286,6 +286,11 @@ class AsyncConfig:
     prompts are in flight or finished and waiting. 0 is the synchronous run, bit for bit."""
 
     max_staleness: int = 1
+    # The most prompts issued and not yet trained (in flight, or finished and waiting), the running step's
+    # included: between data.train_batch_size and train_batch_size x (max_staleness + 1), the default. Below that a
+    # step ahead is issued in parts, as trained steps free room, which bounds the engines' load and the memory the
+    # finished groups hold, not the staleness.
+    buffer_size: int | None = None
 
 
 @dataclass

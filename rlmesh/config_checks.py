@@ -280,6 +280,25 @@ def _check_trainer_mode(bad: Report, cfg: RlmeshConfig) -> None:
             f"only trainer.mode=async reads it, and trainer.mode={mode}",
             "set trainer.mode=async, or leave max_staleness out",
         )
+    buffer = cfg.trainer.asynchronous.buffer_size
+    if buffer is not None:
+        batch = cfg.data.train_batch_size
+        most = batch * (max(staleness, 0) + 1)
+        if mode != "async":
+            bad(
+                "trainer.asynchronous.buffer_size",
+                buffer,
+                f"only trainer.mode=async reads it, and trainer.mode={mode}",
+                "set trainer.mode=async, or leave buffer_size out",
+            )
+        elif not batch <= buffer <= most:
+            bad(
+                "trainer.asynchronous.buffer_size",
+                buffer,
+                f"must hold one step's prompts (data.train_batch_size={batch}) and can admit no more than the "
+                f"staleness bound does (train_batch_size x (max_staleness + 1) = {most})",
+                f"use a value from {batch} to {most}, or leave it out for {most}",
+            )
     if mode == "sync":
         return
     if rollout.enable_sleep_mode:

@@ -73,7 +73,8 @@ class Roles:
 @dataclass
 class IssuedRollout:
     """One step's generation requests, one routed call per prompt (n samples each), issued ahead of the step that
-    trains them, or that step's batch once assembled (or restored from a checkpoint)."""
+    trains them, or that step's batch once assembled (or restored from a checkpoint). A step whose prompts did not
+    all fit the async buffer has its first len(groups) prompts issued and the rest pending."""
 
     step: int
     prompts: list[PromptRow]
@@ -84,7 +85,13 @@ class IssuedRollout:
 
     @property
     def num_groups(self) -> int:
+        """Groups issued: in flight, or finished and waiting."""
         return len(self.batch) // self.n if self.batch is not None else len(self.groups)
+
+    @property
+    def pending(self) -> int:
+        """Prompts drawn for the step and not yet issued."""
+        return 0 if self.batch is not None else len(self.prompts) - len(self.groups)
 
 
 class RLLoop:
@@ -119,6 +126,10 @@ class RLLoop:
         # trains it, so its samples are that many versions old at most (admission bounds the staleness).
         mode = cfg.trainer.mode
         self.lookahead = {"sync": 0, "one_step_off": 1}.get(mode, cfg.trainer.asynchronous.max_staleness)
+        # The most prompts issued and not yet trained; below the staleness bound's, steps ahead are issued in parts.
+        admitted = cfg.data.train_batch_size * (self.lookahead + 1)
+        asked = cfg.trainer.asynchronous.buffer_size if mode == "async" else None
+        self.buffer_size: int = asked or admitted
         self.finish_before_sync = mode == "one_step_off"  # else (async) syncs land on requests in flight
         self.ahead: dict[int, IssuedRollout] = {}  # issued for a later step than the one running
         # Engines that report their busy time (the BusyTimedRollout contract), and their last readings.
@@ -185,18 +196,32 @@ class RLLoop:
         return metrics
 
     def take_rollout(self, step: int, metrics: dict[str, float]) -> tuple[StoredRows[Batch], bool]:
-        """This step's batch. With a lookahead, first issue every step up to it that is not yet, on the engines'
-        current weights (the trainer's before this step's update), then wait for this step's: issued ahead, or now."""
+        """This step's batch. With a lookahead, first issue what is not yet of every step up to it, on the engines'
+        current weights (the trainer's before this step's update), then wait for this step's: issued ahead, or now.
+        Its groups leave the buffer then, which makes room for more of the steps ahead."""
         if self.cfg.trainer.mode == "sync" and step not in self.ahead:
             return self.rollout_batch(step, metrics)
-        sampling = self.cfg.roles.rollout.sampling
-        for later in range(step, min(step + self.lookahead, self.last_step) + 1):
-            if later not in self.ahead:
-                self.ahead[later] = self.issue(self.train_prompts.next_batch(), self.n, sampling, later)
-        metrics["rollout/groups_ahead"] = float(sum(i.num_groups for t, i in self.ahead.items() if t > step))
+        self.issue_ahead(step, step)
         with timed(metrics, "gen"):  # the wait: the generation itself overlapped the steps before
             batch = self.assemble(self.ahead.pop(step))
+        self.issue_ahead(step, step + 1)
+        metrics["rollout/groups_ahead"] = float(sum(i.num_groups for i in self.ahead.values()))
         return batch, False
+
+    def issue_ahead(self, step: int, first: int) -> None:
+        """Issue, oldest step first, from step `first` to the lookahead's last, as many prompts as the buffer has room
+        for; `step`'s own all go. A step's prompts are drawn together, when the first of them is issued."""
+        room = self.buffer_size - sum(issued.num_groups for issued in self.ahead.values())
+        for later in range(first, min(step + self.lookahead, self.last_step) + 1):
+            issued = self.ahead.get(later)
+            if issued is None:
+                if room <= 0 and later != step:
+                    return
+                prompts = self.train_prompts.next_batch()
+                issued = self.ahead[later] = IssuedRollout(later, prompts, self.n, self.cfg.roles.rollout.sampling, [])
+            count = issued.pending if later == step else min(issued.pending, room)
+            self.top_up(issued, count)
+            room -= count
 
     def rollouter_idle(self) -> dict[str, float]:
         """rollouter/idle_ratio since the last reading: the engines' share of time with nothing to generate. A
@@ -273,18 +298,27 @@ class RLLoop:
         return self.assemble(self.issue(prompts, n, sampling, step), fixed_widths)
 
     def issue(self, prompts: list[PromptRow], n: int, sampling: SamplingConfig, step: int) -> IssuedRollout:
-        """Send `step`'s requests, each with its own seed (from the run's seed, the step and the prompt: the same
-        samples whenever they are issued); returns at once."""
+        """Send `step`'s requests; returns at once."""
+        issued = IssuedRollout(step, prompts, n, sampling, [])
+        self.top_up(issued, len(prompts))
+        return issued
+
+    def top_up(self, issued: IssuedRollout, count: int) -> None:
+        """Send the next `count` pending prompts' requests, each with its own seed (from the run's seed, the step and
+        the prompt: the same samples whenever they are issued)."""
+        sampling, start = issued.sampling, len(issued.groups)
         base = sampling.seed if sampling.seed is not None else self.cfg.trainer.seed
-        seeds = [sampling_seed(base, step, p["index"]) for p in prompts]
         generate = self.roles.rollout.generate.in_store()
-        futures = [generate.choose(p["prompt_ids"], n, sampling, seed) for p, seed in zip(prompts, seeds, strict=True)]
-        return IssuedRollout(step, prompts, n, sampling, futures)
+        for prompt in issued.prompts[start : start + count]:
+            seed = sampling_seed(base, issued.step, prompt["index"])
+            issued.groups.append(generate.choose(prompt["prompt_ids"], issued.n, sampling, seed))
 
     def assemble(self, issued: IssuedRollout, fixed_widths: bool = False) -> StoredRows[Batch]:
-        """Wait for the issued requests and lay their samples out as one batch (in the store), once."""
+        """Wait for the issued requests and lay their samples out as one batch (in the store), once; prompts still
+        pending are issued first (a checkpoint finishes every step drawn ahead)."""
         if issued.batch is not None:
             return issued.batch
+        self.top_up(issued, issued.pending)
         prompts, step, n, sampling = issued.prompts, issued.step, issued.n, issued.sampling
         groups: list[Stored[list[Sample], None]] = wait_all(issued.groups)
         per_prompt = {

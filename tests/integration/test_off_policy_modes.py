@@ -87,16 +87,30 @@ def test_async_with_staleness_0_is_the_synchronous_run_bit_for_bit(tmp_path: Pat
     assert all(torch.equal(sync_weights[name], async_weights[name]) for name in sync_weights)
 
 
-def test_async_runs_ahead_by_its_bound_and_a_resumed_run_trains_what_was_in_flight(tmp_path: Path):
+@pytest.mark.parametrize("buffer_size", [None, 12])
+def test_async_runs_ahead_by_its_bound_and_a_resumed_run_trains_what_was_in_flight(
+    tmp_path: Path, buffer_size: int | None
+):
     overrides = [o for o in COMMON if o != "trainer.mode=one_step_off"]
     overrides += ["trainer.mode=async", "trainer.asynchronous.max_staleness=2", "trainer.total_steps=5"]
     overrides += ["trainer.keep_last=3"]
+    if buffer_size is not None:
+        overrides.append(f"trainer.asynchronous.buffer_size={buffer_size}")
     history = run(compose_config(*overrides, f"trainer.output_dir={tmp_path / 'run'}"))
-    # Steps 1-3 were issued at the start, on version 0; every later step two versions before the one training it.
-    assert [m["rollout/staleness/max"] for m in history] == [0.0, 1.0, 2.0, 2.0, 2.0]
-    assert [m["rollout/groups_ahead"] for m in history] == [16.0, 16.0, 16.0, 8.0, 0.0]  # 8 prompts a step
+    staleness = [(m["rollout/staleness/min"], m["rollout/staleness/max"]) for m in history]
+    ahead = [m["rollout/groups_ahead"] for m in history]  # 8 prompts a step
+    if buffer_size is None:
+        # Steps 1-3 were issued at the start, on version 0; every later step two versions before the one training it.
+        assert staleness == [(0, 0), (1, 1), (2, 2), (2, 2), (2, 2)]
+        assert ahead == [16.0, 16.0, 16.0, 8.0, 0.0]
+    else:
+        # 12 prompts at most issued and untrained: a step's batch is issued in two halves, as each earlier step is
+        # taken for training and frees 8 places; the later half of a step is one version fresher.
+        assert staleness == [(0, 0), (1, 1), (1, 2), (1, 2), (1, 2)]
+        assert ahead == [12.0, 12.0, 12.0, 8.0, 0.0]
     step_2 = tmp_path / "run" / "checkpoints" / "step_000002"
     resumed = run(compose_config(*overrides, f"trainer.output_dir={tmp_path / 'resumed'}", f"trainer.resume={step_2}"))
     # Steps 3 and 4 were generated before the checkpoint (by versions 0 and 1) and kept in it; step 5 is issued
-    # after the resume, on the restored version 2, as the uninterrupted run issued it.
+    # after the resume, on the restored version 2, as the uninterrupted run issued it. With the smaller buffer, the
+    # checkpoint first issued step 4's pending half, as the uninterrupted run's checkpoint did.
     assert_same_run(history[2:], resumed)

@@ -271,6 +271,18 @@ CASES: list[tuple[str, list[str], str, str]] = [
         "only trainer.mode=async reads it",
     ),
     (
+        "buffer_below_a_step",
+        ["trainer.mode=async", "data.train_batch_size=8", "trainer.asynchronous.buffer_size=4"],
+        "trainer.asynchronous.buffer_size",
+        "must hold one step's prompts (data.train_batch_size=8)",
+    ),
+    (
+        "buffer_in_one_step_off",
+        ["trainer.mode=one_step_off", "trainer.asynchronous.buffer_size=16"],
+        "trainer.asynchronous.buffer_size",
+        "only trainer.mode=async reads it",
+    ),
+    (
         "async_dynamic_sampling",
         ["trainer.mode=async", "algorithm.dynamic_sampling.enable=true"],
         "algorithm.dynamic_sampling.enable",
