@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rlmesh.algo.masked import masked_mean
+from rlmesh.algo.masked import masked_mean, masked_var
 
 __all__ = ["IS_LEVELS", "RS_LEVELS", "RolloutCorrection", "rollout_correction", "rs_bounds"]
 
@@ -21,7 +21,16 @@ SAFETY_LOG_BOUND = 20.0
 class RolloutCorrection(NamedTuple):
     weights: Tensor | None  # [B, T] importance weights, 0 on padding; None when rollout_is is None
     keep: Tensor  # [B, T] bool: response tokens that stay in the loss (all of them when rollout_rs is None)
-    metrics: dict[str, float]  # rollout_corr/... (see rollout_correction)
+    # rollout_corr/... (see rollout_correction) as 0-d tensors on the inputs' device: reading them is left to the
+    # caller, so that a training step pays one device-to-host copy for all of them (`metrics`), or none.
+    metric_tensors: dict[str, Tensor]
+    tokens: Tensor  # 0-d: the response tokens counted
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The metrics as floats, read in one copy; none when there was no response token."""
+        values = torch.stack([self.tokens.double(), *(t.double() for t in self.metric_tensors.values())]).tolist()
+        return dict(zip(self.metric_tensors, values[1:], strict=True)) if values[0] > 0 else {}
 
 
 def rs_bounds(threshold: float | None, lower: float | None, is_threshold: float) -> tuple[float, float]:
@@ -97,12 +106,11 @@ def rollout_correction(
         cap = rollout_is_threshold
         if rollout_is == "token":
             weights = torch.where(valid, token_ratio.clamp(max=cap), 0.0)
-            raw_logs, truncated = log_ratio[valid], weights[valid]
+            metrics |= _weight_metrics(weights, log_ratio, valid, cap)
         else:
-            per_sample = sequence_log_ratio.clamp(-SAFETY_LOG_BOUND, SAFETY_LOG_BOUND).exp()
-            weights = torch.where(valid, per_sample.clamp(max=cap)[:, None].expand_as(log_ratio), 0.0)
-            raw_logs, truncated = sequence_log_ratio[has_tokens], per_sample.clamp(max=cap)[has_tokens]
-        metrics |= _weight_metrics(truncated, raw_logs, cap)
+            per_sample = sequence_log_ratio.clamp(-SAFETY_LOG_BOUND, SAFETY_LOG_BOUND).exp().clamp(max=cap)
+            weights = torch.where(valid, per_sample[:, None].expand_as(log_ratio), 0.0)
+            metrics |= _weight_metrics(per_sample, sequence_log_ratio, has_tokens, cap)
 
     keep = valid.clone()
     if rollout_rs is not None:
@@ -117,11 +125,18 @@ def rollout_correction(
         # Compared in log space: exact at the bounds, and no overflow for long sequences.
         keep = valid & (log_tested >= math.log(lower)) & (log_tested <= math.log(upper))
     rejected = valid & ~keep
-    tokens = max(int(valid.sum()), 1)
-    samples = max(int(has_tokens.sum()), 1)
-    metrics["rollout_corr/rollout_rs_masked_fraction"] = float(rejected.sum()) / tokens
-    metrics["rollout_corr/rollout_rs_seq_masked_fraction"] = float(rejected.any(-1).sum()) / samples
-    return RolloutCorrection(weights, keep, metrics)
+    tokens = valid.sum()
+    metrics["rollout_corr/rollout_rs_masked_fraction"] = rejected.sum() / tokens.clamp_min(1)
+    metrics["rollout_corr/rollout_rs_seq_masked_fraction"] = rejected.any(-1).sum() / has_tokens.sum().clamp_min(1)
+    return RolloutCorrection(weights, keep, metrics, tokens)
+
+
+def _masked_max(values: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, values, -math.inf).max()
+
+
+def _masked_min(values: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, values, math.inf).min()
 
 
 def _mismatch_metrics(
@@ -132,41 +147,40 @@ def _mismatch_metrics(
     valid: Tensor,
     lengths: Tensor,
     has_tokens: Tensor,
-) -> dict[str, float]:
-    if not bool(has_tokens.any()):
-        return {}
+) -> dict[str, Tensor]:
+    # Masks rather than boolean indexing throughout: indexing by a mask reads it on the host, a sync per metric.
     per_length = lengths.clamp_min(1).float()
-    training_log_ppl = (-torch.where(valid, train, 0.0).sum(-1) / per_length)[has_tokens]
-    rollout_log_ppl = (-torch.where(valid, rollout, 0.0).sum(-1) / per_length)[has_tokens]
+    training_log_ppl = -torch.where(valid, train, 0.0).sum(-1) / per_length
+    rollout_log_ppl = -torch.where(valid, rollout, 0.0).sum(-1) / per_length
     gap = rollout_log_ppl - training_log_ppl
     prefix = "rollout_corr/"
     return {
-        prefix + "kl": float(masked_mean(-log_ratio, valid)),
-        prefix + "k3_kl": float(masked_mean(token_ratio - 1 - log_ratio, valid)),
-        prefix + "chi2_token": float(masked_mean(token_ratio.square(), valid)) - 1.0,
-        prefix + "training_log_ppl": float(training_log_ppl.mean()),
-        prefix + "rollout_log_ppl": float(rollout_log_ppl.mean()),
-        prefix + "training_ppl": float(training_log_ppl.exp().mean()),
-        prefix + "rollout_ppl": float(rollout_log_ppl.exp().mean()),
-        prefix + "log_ppl_diff": float(gap.mean()),
-        prefix + "log_ppl_abs_diff": float(gap.abs().mean()),
-        prefix + "log_ppl_diff_max": float(gap.max()),
-        prefix + "log_ppl_diff_min": float(gap.min()),
+        prefix + "kl": masked_mean(-log_ratio, valid),
+        prefix + "k3_kl": masked_mean(token_ratio - 1 - log_ratio, valid),
+        prefix + "chi2_token": masked_mean(token_ratio.square(), valid) - 1.0,
+        prefix + "training_log_ppl": masked_mean(training_log_ppl, has_tokens),
+        prefix + "rollout_log_ppl": masked_mean(rollout_log_ppl, has_tokens),
+        prefix + "training_ppl": masked_mean(training_log_ppl.exp(), has_tokens),
+        prefix + "rollout_ppl": masked_mean(rollout_log_ppl.exp(), has_tokens),
+        prefix + "log_ppl_diff": masked_mean(gap, has_tokens),
+        prefix + "log_ppl_abs_diff": masked_mean(gap.abs(), has_tokens),
+        prefix + "log_ppl_diff_max": _masked_max(gap, has_tokens),
+        prefix + "log_ppl_diff_min": _masked_min(gap, has_tokens),
     }
 
 
-def _weight_metrics(weights: Tensor, raw_log_ratios: Tensor, cap: float) -> dict[str, float]:
-    """Statistics of the truncated weights, and how often the untruncated ratio left [1 / cap, cap]."""
-    if weights.numel() == 0:
-        return {}
+def _weight_metrics(weights: Tensor, raw_log_ratios: Tensor, counted: Tensor, cap: float) -> dict[str, Tensor]:
+    """Statistics of the truncated weights where `counted`, and how often the untruncated ratio left
+    [1 / cap, cap]."""
     prefix = "rollout_corr/rollout_is_"
-    second_moment = float(weights.square().mean())
+    mean = masked_mean(weights, counted)
+    second_moment = masked_mean(weights.square(), counted)
     return {
-        prefix + "mean": float(weights.mean()),
-        prefix + "std": float(weights.std(unbiased=False)),
-        prefix + "min": float(weights.min()),
-        prefix + "max": float(weights.max()),
-        prefix + "eff_sample_size": float(weights.mean()) ** 2 / second_moment if second_moment > 0 else 0.0,
-        prefix + "ratio_fraction_high": float((raw_log_ratios > math.log(cap)).float().mean()),
-        prefix + "ratio_fraction_low": float((raw_log_ratios < -math.log(cap)).float().mean()),
+        prefix + "mean": mean,
+        prefix + "std": masked_var(weights, counted, unbiased=False).sqrt(),
+        prefix + "min": _masked_min(weights, counted),
+        prefix + "max": _masked_max(weights, counted),
+        prefix + "eff_sample_size": torch.where(second_moment > 0, mean.square() / second_moment.clamp_min(1e-30), 0.0),
+        prefix + "ratio_fraction_high": masked_mean((raw_log_ratios > math.log(cap)).float(), counted),
+        prefix + "ratio_fraction_low": masked_mean((raw_log_ratios < -math.log(cap)).float(), counted),
     }

@@ -114,9 +114,9 @@ class PolicyTrainer(Learner[ActorConfig]):
         if bypass_correction is not None:  # old_logprobs are the rollout's: correct by pi_theta / pi_rollout
             corrected = rollout_correction(log_prob, micro["old_logprobs"], mask, **bypass_correction)
             mask = corrected.keep.to(mask.dtype)
-            correction_means = {
-                key: torch.tensor(value, dtype=torch.float64, device=log_prob.device)
-                for key, value in corrected.metrics.items()
+            correction_means = {  # left on the device: the update reads every token mean in one copy
+                key: value.double()
+                for key, value in corrected.metric_tensors.items()
                 if not key.endswith(("_max", "_min"))  # a mean of micro-batch extremes is no extreme
             }
         objective = policy_objective(

@@ -104,3 +104,12 @@ def test_an_unknown_level_is_refused():
         correct(rollout_is="geometric")
     with pytest.raises(ValueError, match="rollout_rs must be one of"):
         correct(rollout_rs="tokens")
+
+
+def test_metrics_stay_tensors_until_read_once_and_an_empty_batch_reports_none():
+    result = correct(rollout_is="sequence", rollout_rs="token", rollout_rs_threshold=2.0)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in result.metric_tensors.values())
+    assert result.metrics == {k: pytest.approx(float(v)) for k, v in result.metric_tensors.items()}
+    empty = rollout_correction(train_logprobs(), ROLLOUT, torch.zeros_like(MASK), rollout_is="token")
+    assert empty.metrics == {}
+    assert not empty.keep.any() and empty.weights is not None and not empty.weights.any()
