@@ -271,6 +271,12 @@ CASES: list[tuple[str, list[str], str, str]] = [
         "only trainer.mode=async reads it",
     ),
     (
+        "vllm_temperature",
+        ["rollout=vllm", "roles.rollout.sampling.temperature=3.0"],
+        "roles.rollout.sampling.temperature",
+        "vLLM samples at temperatures from 0 to 2.0",
+    ),
+    (
         "buffer_below_a_step",
         ["trainer.mode=async", "data.train_batch_size=8", "trainer.asynchronous.buffer_size=4"],
         "trainer.asynchronous.buffer_size",

@@ -139,6 +139,7 @@ class VLLMRollout:
         """Before any actor starts: vLLM installed in the supported version and, on a local CPU run, KV caches that
         fit this host's memory."""
         check_vllm_install(bad)
+        check_vllm_sampling(bad, cfg)
         if device == "cpu" and not cfg.cluster.address:
             check_kv_cache_memory(bad, cfg)
 
@@ -414,6 +415,26 @@ def _version_span(spans: Any, started_on: int) -> tuple[int, int]:
         return started_on, started_on
     versions = [0 if span.version == "default" else int(span.version) for span in spans]
     return versions[0], versions[-1]
+
+
+# vLLM's SamplingParams refuses a temperature outside this range, on the first request: long after start-up.
+VLLM_MAX_TEMPERATURE = 2.0
+
+
+def check_vllm_sampling(bad: Report, cfg: RlmeshConfig) -> None:
+    """Sampling settings vLLM accepts and the HF rollout does: refused here rather than by the first request."""
+    rollout = cfg.roles.rollout
+    for prefix, sampling in (
+        ("roles.rollout.sampling", rollout.sampling),
+        ("roles.rollout.val_sampling", rollout.val_sampling),
+    ):
+        if float(sampling.temperature) > VLLM_MAX_TEMPERATURE:
+            bad(
+                f"{prefix}.temperature",
+                sampling.temperature,
+                f"vLLM samples at temperatures from 0 to {VLLM_MAX_TEMPERATURE}",
+                f"use at most {VLLM_MAX_TEMPERATURE}, or rollout=hf",
+            )
 
 
 def check_kv_cache_memory(bad: Report, cfg: RlmeshConfig) -> None:
