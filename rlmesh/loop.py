@@ -467,6 +467,8 @@ class RLLoop:
         self.kl_ctrl.load_state_dict(state["kl_ctrl"])
         restore_rng(state["rng"])
         self.ahead = {int(saved["step"]): restore_ahead(saved) for saved in state.get("rollout_ahead", [])}
+        if self.ahead:  # reported with the first step the resumed run trains
+            self.startup_metrics["rollout/resumed_groups"] = float(sum(i.num_groups for i in self.ahead.values()))
         self.update_rollout_weights(version=state["step"])
         log.info("resumed from %s at step %d", folder, state["step"])
         return int(state["step"]) + 1

@@ -293,6 +293,7 @@ def test_a_controller_sigkilled_in_async_training_resumes_with_its_batches_issue
     write_plan(log=str(log))
     resumed = run(compose_config(*overrides, f"trainer.output_dir={out}", "trainer.resume=auto"))
     assert [m["training/global_step"] for m in resumed] == [4.0, 5.0]
+    assert resumed[0]["rollout/resumed_groups"] == 2 * prompts and "rollout/resumed_groups" not in resumed[1]
     after = [e for e in events(log, "trained")][len(before) :]
     assert [e["update"] for e in after] == [4, 5]
     trained = {step: uids for step, uids in before.items() if step <= 3} | {e["update"]: e["uids"] for e in after}
