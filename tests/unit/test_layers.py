@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"wire"},  # zero-copy tensor pickling, shared by the mesh and the Batch
     {"mesh"},  # the actor-mesh runtime; knows nothing about RL
     {"data"},
-    {"reward"},
+    {"reward", "envs"},  # pure python: scoring; environments, tools and multi-turn token buffers
     {"algo"},
     {"config", "checkpoint", "metrics", "tracking", "models"},
     {"batch_stages"},  # whole-batch pure functions the loop runs in the store worker
@@ -72,7 +72,7 @@ def modules_after_import(package: str) -> set[str]:
     return set(json.loads(out))
 
 
-@pytest.mark.parametrize("package", ["rlmesh.algo", "rlmesh.reward", "rlmesh.data"])
+@pytest.mark.parametrize("package", ["rlmesh.algo", "rlmesh.reward", "rlmesh.data", "rlmesh.envs"])
 def test_pure_packages_import_no_runtime(package: str) -> None:
     loaded = {name.split(".")[0] for name in modules_after_import(package)}
     assert loaded & {"ray", "vllm", "transformers"} == set()

@@ -1,0 +1,20 @@
+"""Environments and tools for multi-turn rollouts: the reset/step contract, tool schemas and calls, token buffers."""
+
+from rlmesh.envs.protocol import Environment, StepResult, as_step_result, tool_methods, tool_schemas
+from rlmesh.envs.tool_calls import ToolCall, ToolOutcome, parse_tool_calls, run_tool
+from rlmesh.envs.trajectory import ChatTurns, HistoryRewritten, TokenTrajectory
+
+__all__ = [
+    "ChatTurns",
+    "Environment",
+    "HistoryRewritten",
+    "StepResult",
+    "TokenTrajectory",
+    "ToolCall",
+    "ToolOutcome",
+    "as_step_result",
+    "parse_tool_calls",
+    "run_tool",
+    "tool_methods",
+    "tool_schemas",
+]
