@@ -29,6 +29,8 @@ def assemble_generations(
     """The step batch from n samples per prompt (in prompt order): padded tensors as Batch.from_generations lays
     them out, each of the prompts' fields (one value per prompt) repeated over its samples, and each sample's
     weight_version."""
+    # Multi-turn samples carry a response mask of their own; custom rollouts' samples may lack the field.
+    masks = [getattr(s, "response_mask", None) for s in samples]
     batch = Batch.from_generations(
         [s.prompt_ids for s in samples],
         [s.response_ids for s in samples],
@@ -43,6 +45,7 @@ def assemble_generations(
             "last_weight_version": [getattr(s, "last_weight_version", None) for s in samples],
         },
         meta={"temperature": layout.temperature},
+        response_masks=masks if any(mask is not None for mask in masks) else None,
     )
     return batch, None
 

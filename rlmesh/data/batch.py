@@ -316,6 +316,7 @@ class Batch:
         response_length: int | None = None,
         non_tensors: Mapping[str, Sequence[Any]] | None = None,
         meta: Mapping[str, Any] | None = None,
+        response_masks: Sequence[Sequence[int] | None] | None = None,
     ) -> Batch:
         """Assemble per-sample generations into padded tensors, laid out as verl does.
 
@@ -324,6 +325,9 @@ class Batch:
         - `position_ids`: over the prompt, `max(cumsum(attention_mask) - 1, 0)`; over the response, the last
           prompt position + 1, 2, ..., R (padding included, as in verl).
         - `response_mask` [B, R]: 1 on generated tokens; `rollout_logprobs` [B, R] float32, 0 on padding.
+        - `response_masks`: per sample (None for all ones), 1 on the response tokens the model sampled and 0 on
+          those a multi-turn rollout appended (tool and environment tokens): `response_mask` is then that mask,
+          while `attention_mask` still covers every real token (see response_tokens).
 
         P and R default to the longest prompt and response; pass `prompt_length` / `response_length` to fix them.
         """
@@ -341,6 +345,12 @@ class Batch:
             for i, (logprobs, length) in enumerate(zip(rollout_logprobs, response_lengths, strict=True)):
                 if len(logprobs) != length:
                     raise ValueError(f"sample {i} has {length} response tokens but {len(logprobs)} rollout logprobs")
+        if response_masks is not None:
+            if len(response_masks) != num_samples:
+                raise ValueError(f"got {num_samples} responses but {len(response_masks)} response masks")
+            for i, (given, length) in enumerate(zip(response_masks, response_lengths, strict=True)):
+                if given is not None and len(given) != length:
+                    raise ValueError(f"sample {i} has {length} response tokens but a response mask of {len(given)}")
         prompt_width = _padded_width("prompt", prompt_lengths, prompt_length)
         response_width = _padded_width("response", response_lengths, response_length)
 
@@ -358,9 +368,24 @@ class Batch:
             "position_ids": torch.cat([prompt_positions, response_positions], dim=1),
             "response_mask": response_mask.long(),
         }
+        if response_masks is not None:
+            sampled = [
+                given if given is not None else [1] * len(ids)
+                for given, ids in zip(response_masks, response_ids, strict=True)
+            ]
+            tensors["response_mask"], _ = _pad_rows(sampled, response_width, 0, torch.long, left=False)
         if rollout_logprobs is not None:
             tensors["rollout_logprobs"], _ = _pad_rows(rollout_logprobs, response_width, 0.0, torch.float32, left=False)
         return cls(tensors, non_tensors, meta, size=num_samples)
+
+
+def response_tokens(batch: Batch) -> torch.Tensor:
+    """[B, R] bool: the response's real tokens, sampled or appended by a multi-turn rollout (what a reward reads and
+    where a sequence ends), as opposed to response_mask, the tokens trained on."""
+    width = batch["response_mask"].shape[1]
+    if "attention_mask" in batch:
+        return batch["attention_mask"][:, -width:].bool() if width else batch["response_mask"].bool()
+    return batch["response_mask"].bool()
 
 
 class BatchParts(list[Batch]):

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlmesh.config import OverlongBufferConfig, Report, RewardConfig, RlmeshConfig, check_model_path
-from rlmesh.data.batch import Batch, even_sizes
+from rlmesh.data.batch import Batch, even_sizes, response_tokens
 from rlmesh.engine.devices import resolve_device, resolve_dtype
 from rlmesh.mesh import endpoint
 from rlmesh.reward import RewardScorer, ScoreItem, default_compute_score, load_compute_score, overlong_penalty
@@ -48,10 +48,11 @@ def gather_scores(results: list[Batch]) -> Batch:
 
 
 def response_lengths(batch: Batch) -> torch.Tensor:
-    """Generated tokens per sample, from response_mask ([B] long)."""
+    """Response tokens per sample ([B] long), the tool and environment tokens of a multi-turn rollout included: the
+    score goes on the last of them (response_tokens)."""
     if "response_mask" not in batch:
         raise KeyError(f"reward scoring needs 'response_mask' (1 on generated tokens); the batch has {batch.keys()}")
-    return batch["response_mask"].sum(dim=-1).long()
+    return response_tokens(batch).sum(dim=-1).long()
 
 
 def place_scores(scores: torch.Tensor, lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -173,7 +174,7 @@ class RuleReward:
                 raise KeyError(f"rule rewards need the batch field {key!r}; the batch has {batch.keys()}")
         ground_truths = _ground_truths(batch)
         extra_infos = batch.get("extra_info") or [None] * len(batch)
-        mask = batch["response_mask"].bool()
+        mask = response_tokens(batch)  # a multi-turn response is read whole, tool results included
         # Special tokens are skipped, as verl does: '68<|endoftext|>' reads '68', which exact match wants.
         texts = self.tokenizer.batch_decode(
             [ids[keep].tolist() for ids, keep in zip(batch["response_ids"], mask, strict=True)],
@@ -255,7 +256,7 @@ class ModelReward:
             return []
         prompt_width = batch["prompt_ids"].shape[1]
         prompt_mask = batch["attention_mask"][:, :prompt_width].bool()
-        response_mask = batch["response_mask"].bool()
+        response_mask = response_tokens(batch)
         sequences = []
         for prompt, prompt_keep, response, response_keep in zip(
             batch["prompt_ids"], prompt_mask, batch["response_ids"], response_mask, strict=True

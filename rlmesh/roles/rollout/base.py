@@ -21,6 +21,9 @@ class Sample:
     # The version that finished it: later than weight_version when a sync landed while it was generated (its
     # tokens after the sync were sampled by the new weights). None: the same as weight_version.
     last_weight_version: int | None = None
+    # A multi-turn sample's response interleaves sampled tokens (1) with tool and environment tokens (0), whose
+    # logprobs are 0. None: every response token was sampled.
+    response_mask: list[int] | None = None
 
 
 def sampling_seed(base_seed: int, step: int, prompt_index: int) -> int:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlmesh.data import Batch
+from rlmesh.data import Batch, response_tokens
 
 
 def numbered_batch(size: int = 6, response_length: int = 4) -> Batch:
@@ -416,3 +416,18 @@ def test_from_generations_errors_name_the_sample():
         Batch.from_generations([[]], [[1]], pad_token_id=0)
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         Batch.from_generations([[1], [2]], [[3]], pad_token_id=0)
+
+
+def test_a_multi_turn_mask_trains_only_sampled_tokens_while_attention_covers_the_whole_response():
+    batch = Batch.from_generations(
+        [[5, 6], [7]],
+        [[1, 2, 3, 4], [8, 9]],
+        [[-0.1, 0.0, 0.0, -0.4], [-0.8, -0.9]],
+        pad_token_id=0,
+        response_masks=[[1, 0, 0, 1], None],  # sample 0: two tool tokens between its turns; sample 1 all sampled
+    )
+    assert batch["response_mask"].tolist() == [[1, 0, 0, 1], [1, 1, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]]
+    assert response_tokens(batch).tolist() == [[True] * 4, [True, True, False, False]]
+    with pytest.raises(ValueError, match="sample 0 has 4 response tokens but a response mask of 3"):
+        Batch.from_generations([[5]], [[1, 2, 3, 4]], pad_token_id=0, response_masks=[[1, 0, 1]])

@@ -60,8 +60,9 @@ def test_scores_sit_on_the_last_response_token(tiny_model_path: str) -> None:
     reward = make_reward(tiny_model_path)
     responses = [[*encode("68"), EOS], [*encode("67"), EOS], encode("68"), [], [*encode("6"), EOS, EOS]]
     batch = arithmetic_batch(responses, ["68"] * 5, width=6)
-    # The last one's second eos lies beyond its response_mask: not part of the response.
+    # The last one's second eos lies beyond its real tokens (its attention) and its mask: not part of the response.
     batch["response_mask"][4, 2] = 0
+    batch["attention_mask"][4, -6 + 2] = 0
     scored = reward.score(batch)
     expected_scores = [1.0, 0.0, 1.0, 0.0, 0.0]
     assert scored["score"] == expected_scores
@@ -180,3 +181,22 @@ def test_close_stops_the_scoring_processes(tiny_model_path: str) -> None:
     assert len(processes) == 2 and all(process.poll() is None for process in processes)
     reward.close()
     assert all(process.poll() is not None for process in processes)
+
+
+def test_a_multi_turn_response_is_read_whole_and_scored_on_its_last_token_whatever_was_sampled(tiny_model_path: str):
+    # The model sampled "6", a tool appended "=" (mask 0), then the model sampled "8" and eos: the scorer reads
+    # "6=8" and the score lands on eos, the last response token, not on the last of the sampled count (3).
+    reward = make_reward(tiny_model_path)
+    response = [*encode("6=8"), EOS]
+    batch = Batch.from_generations(
+        [encode("23+45=")],
+        [response],
+        pad_token_id=TOKENIZER.pad_token_id,
+        response_length=6,
+        non_tensors={"data_source": ["arithmetic"], "ground_truth": ["6=8"], "extra_info": [None]},
+        response_masks=[[1, 0, 1, 1]],
+    )
+    assert batch["response_mask"].tolist() == [[1, 0, 1, 1, 0, 0]]
+    scored = reward.score(batch)
+    assert scored["score"] == [1.0]
+    assert scored["token_level_scores"].tolist() == [[0.0, 0.0, 0.0, 1.0, 0.0, 0.0]]
