@@ -24,6 +24,7 @@ class Sample:
     # A multi-turn sample's response interleaves sampled tokens (1) with tool and environment tokens (0), whose
     # logprobs are 0. None: every response token was sampled.
     response_mask: list[int] | None = None
+    cached_tokens: int | None = None  # prompt tokens the engine found in its prefix cache (None: not reported)
 
 
 def sampling_seed(base_seed: int, step: int, prompt_index: int) -> int:

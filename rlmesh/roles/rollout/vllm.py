@@ -218,6 +218,7 @@ class VLLMRollout:
                     weight_version=first,
                     finish_reason=str(completion.finish_reason),
                     last_weight_version=last,
+                    cached_tokens=final.num_cached_tokens,
                 )
             )
         return samples
