@@ -357,7 +357,14 @@ def settle(
     return Settled(values, errors, unfinished, time.monotonic() - started)
 
 
+# Trailing lines that point elsewhere instead of saying what failed (pydantic ends every error with one).
+_POINTERS = ("For further information visit",)
+
+
 def last_line(err: BaseException) -> str:
-    """The last non-empty line of an error (Ray's carry the remote traceback before it), at most 400 characters."""
-    lines = [line for line in str(err).splitlines() if line.strip()]
+    """The last non-empty line of an error (Ray's carry the remote traceback before it), at most 400 characters;
+    a trailing pointer to docs (pydantic's "For further information visit ...") gives way to the line before it."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    while len(lines) > 1 and lines[-1].startswith(_POINTERS):
+        lines.pop()
     return lines[-1][:400] if lines else type(err).__name__
