@@ -277,6 +277,12 @@ CASES: list[tuple[str, list[str], str, str]] = [
         "vLLM samples at temperatures from 0 to 2.0",
     ),
     (
+        "vllm_model_len_past_the_models_positions",
+        ["rollout=vllm", "roles.rollout.max_model_len=4096"],
+        "roles.rollout.max_model_len",
+        "has 128 positions (max_position_embeddings), and vLLM refuses longer",
+    ),
+    (
         "buffer_below_a_step",
         ["trainer.mode=async", "data.train_batch_size=8", "trainer.asynchronous.buffer_size=4"],
         "trainer.asynchronous.buffer_size",

@@ -140,6 +140,7 @@ class VLLMRollout:
         fit this host's memory."""
         check_vllm_install(bad)
         check_vllm_sampling(bad, cfg)
+        check_vllm_model_len(bad, cfg)
         if device == "cpu" and not cfg.cluster.address:
             check_kv_cache_memory(bad, cfg)
 
@@ -436,6 +437,30 @@ def check_vllm_sampling(bad: Report, cfg: RlmeshConfig) -> None:
                 f"vLLM samples at temperatures from 0 to {VLLM_MAX_TEMPERATURE}",
                 f"use at most {VLLM_MAX_TEMPERATURE}, or rollout=hf",
             )
+
+
+def check_vllm_model_len(bad: Report, cfg: RlmeshConfig) -> None:
+    """roles.rollout.max_model_len within the model's positions: vLLM refuses more when the engine starts."""
+    asked = cfg.roles.rollout.max_model_len
+    if not asked:
+        return
+    from transformers import AutoConfig
+
+    model = cfg.roles.trainer.model
+    try:
+        limit = kv_sizing.model_max_len(
+            AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
+        )
+    except (OSError, ValueError) as err:  # a hub model not downloaded yet: the engine checks it when it starts
+        log.info("max_model_len not checked: the model config of %s is not readable here (%s)", model.path, err)
+        return
+    if int(asked) > limit:
+        bad(
+            "roles.rollout.max_model_len",
+            asked,
+            f"the model {model.path} has {limit} positions (max_position_embeddings), and vLLM refuses longer",
+            f"use at most {limit}",
+        )
 
 
 def check_kv_cache_memory(bad: Report, cfg: RlmeshConfig) -> None:
