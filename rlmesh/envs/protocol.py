@@ -51,12 +51,47 @@ def as_step_result(value: Any) -> StepResult:
 
 
 def tool_methods(env: Any) -> dict[str, Callable[..., Any]]:
-    """The environment's tools, by name: its class's public methods that are not the contract's own."""
+    """The environment's tools, by name: its class's public methods that are not the contract's own (an adapter
+    names another object's instead, with __rlmesh_tools__)."""
+    adapted = getattr(env, "__rlmesh_tools__", None)
+    if adapted is not None:
+        return dict(adapted())
     tools = {}
     for name, _function in inspect.getmembers(type(env), predicate=inspect.isfunction):
         if not name.startswith("_") and name not in PROTOCOL_METHODS:
             tools[name] = getattr(env, name)
     return tools
+
+
+class TRLEnvironment:
+    """Runs a TRL environment_factory-style class: reset(**row fields) returns text for the prompt (or None), and
+    every public method but reset is a tool. The model's turn without a tool call ends the episode, which the run's
+    reward function scores. Construct as TRLEnvironment(cls) or TRLEnvironment(instance)."""
+
+    def __init__(self, target: Any) -> None:
+        self.inner = target() if isinstance(target, type) else target
+
+    def __rlmesh_tools__(self) -> dict[str, Callable[..., Any]]:
+        return {
+            name: getattr(self.inner, name)
+            for name, _function in inspect.getmembers(type(self.inner), predicate=inspect.isfunction)
+            if not name.startswith("_") and name != "reset"
+        }
+
+    def reset(self, row: Mapping[str, Any]) -> list[dict[str, Any]]:
+        fields = {key: value for key, value in row.items() if key != "prompt"}
+        extra = self.inner.reset(**fields)
+        messages = [dict(message) for message in row["prompt"]]
+        if extra:  # TRL appends reset's text to the last user message
+            users = [i for i, message in enumerate(messages) if message.get("role") == "user"]
+            if users:
+                messages[users[-1]]["content"] = f"{messages[users[-1]]['content']}{extra}"
+            else:
+                messages.append({"role": "user", "content": str(extra)})
+        return messages
+
+    def step(self, action: str) -> StepResult:
+        return StepResult(None, None, True)
 
 
 def tool_schemas(env: Any) -> list[dict[str, Any]]:

@@ -183,3 +183,35 @@ def test_an_environment_that_raises_or_hangs_ends_its_episode_with_the_error_and
     assert_invariant(episode.pieces[0], engine.contexts)
     episode, _ = play(Stuck(), ["84"], EpisodeLimits(tool_timeout_s=0.05))
     assert episode.ended_by == "env_error" and "did not return within 0.05 s" in str(episode.error)
+
+
+class Wordle:
+    """A TRL environment_factory-style class, as a TRL user writes one: reset(**row) and public methods as tools."""
+
+    def reset(self, **kwargs: Any) -> str:
+        self.secret, self.guesses = kwargs["secret"], []
+        return " (5 letters)"
+
+    def guess(self, word: str) -> str:
+        """Guess the word.
+
+        Args:
+            word: a five-letter word
+        """
+        self.guesses.append(word)
+        return "correct" if word == self.secret else "wrong"
+
+
+def test_a_trl_environment_factory_class_runs_its_public_methods_as_tools():
+    from rlmesh.envs import TRLEnvironment
+
+    env = TRLEnvironment(Wordle)
+    assert [s["function"]["name"] for s in tool_schemas(env)] == ["guess"]
+    tokenizer = byte_tokenizer()
+    engine = Scripted(tokenizer, ['<tool_call>{"name": "guess", "arguments": {"word": "crane"}}</tool_call>', "Done."])
+    row = {"prompt": [{"role": "user", "content": "Find the word"}], "secret": "crane"}
+    episode = asyncio.run(run_episode(env, row, engine, ChatTurns(tokenizer, tool_schemas(env)), EpisodeLimits()))
+    assert episode.messages[0] == {"role": "user", "content": "Find the word (5 letters)"}
+    assert episode.messages[2]["content"] == "correct" and env.inner.guesses == ["crane"]
+    assert episode.ended_by == "done" and episode.reward is None  # the run's reward function scores it
+    assert_invariant(episode.pieces[0], engine.contexts)
