@@ -1,6 +1,6 @@
 """Environments and tools for multi-turn rollouts: the reset/step contract, tool schemas and calls, token buffers."""
 
-from rlmesh.envs.multi_turn import Episode, EpisodeLimits, run_episode
+from rlmesh.envs.multi_turn import Episode, EpisodeLimits, episode_metrics, run_episode
 from rlmesh.envs.protocol import Environment, StepResult, TRLEnvironment, as_step_result, tool_methods, tool_schemas
 from rlmesh.envs.tool_calls import ToolCall, ToolOutcome, parse_tool_calls, run_tool
 from rlmesh.envs.trajectory import ChatTurns, HistoryRewritten, TokenTrajectory
@@ -17,6 +17,7 @@ __all__ = [
     "ToolCall",
     "ToolOutcome",
     "as_step_result",
+    "episode_metrics",
     "parse_tool_calls",
     "run_episode",
     "run_tool",

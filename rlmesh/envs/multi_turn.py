@@ -141,6 +141,28 @@ async def run_episode(
     return episode
 
 
+def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
+    """num_turns/{mean,max,min} (model turns per episode), tool_calls/{count,errors,timeouts} (totals),
+    episodes/ended_by/<reason> (fractions), episodes/split (episodes the template made into several samples) and
+    episodes/env_errors."""
+    if not episodes:
+        return {}
+    turns = [episode.num_turns for episode in episodes]
+    metrics = {
+        "num_turns/mean": sum(turns) / len(turns),
+        "num_turns/max": float(max(turns)),
+        "num_turns/min": float(min(turns)),
+        "tool_calls/count": float(sum(e.tool_calls for e in episodes)),
+        "tool_calls/errors": float(sum(e.tool_errors for e in episodes)),
+        "tool_calls/timeouts": float(sum(e.tool_timeouts for e in episodes)),
+        "episodes/split": float(sum(len(e.pieces) > 1 for e in episodes)),
+        "episodes/env_errors": float(sum(e.error is not None for e in episodes)),
+    }
+    for reason in sorted({e.ended_by for e in episodes}):
+        metrics[f"episodes/ended_by/{reason}"] = sum(e.ended_by == reason for e in episodes) / len(episodes)
+    return metrics
+
+
 def _failed(episode: Episode, where: str, err: BaseException, limits: EpisodeLimits) -> Episode:
     hung = isinstance(err, TimeoutError)
     episode.ended_by = "env_error"

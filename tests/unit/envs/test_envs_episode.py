@@ -215,3 +215,17 @@ def test_a_trl_environment_factory_class_runs_its_public_methods_as_tools():
     assert episode.messages[2]["content"] == "correct" and env.inner.guesses == ["crane"]
     assert episode.ended_by == "done" and episode.reward is None  # the run's reward function scores it
     assert_invariant(episode.pieces[0], engine.contexts)
+
+
+def test_episode_metrics_count_turns_tool_calls_and_how_episodes_ended():
+    from rlmesh.envs import Episode, TokenTrajectory, episode_metrics
+
+    one = Episode([TokenTrajectory([1])], [], num_turns=3, tool_calls=2, tool_errors=1, ended_by="done")
+    two = Episode([TokenTrajectory([1]), TokenTrajectory([2])], [], num_turns=1, tool_timeouts=1, ended_by="max_turns")
+    three = Episode([], [], num_turns=0, ended_by="env_error", error="reset raised")
+    metrics = episode_metrics([one, two, three])
+    assert metrics["num_turns/mean"] == 4 / 3 and metrics["num_turns/max"] == 3 and metrics["num_turns/min"] == 0
+    assert (metrics["tool_calls/count"], metrics["tool_calls/errors"], metrics["tool_calls/timeouts"]) == (2, 1, 1)
+    assert metrics["episodes/split"] == 1 and metrics["episodes/env_errors"] == 1
+    assert metrics["episodes/ended_by/done"] == 1 / 3 and metrics["episodes/ended_by/max_turns"] == 1 / 3
+    assert episode_metrics([]) == {}
