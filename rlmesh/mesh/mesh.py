@@ -277,6 +277,7 @@ class ActorMesh(Generic[T]):
         self._root: ActorMesh[T] = self
         self._positions = list(range(self._shape.size))
         self._on_restart = on_restart
+        self._router_spec = router
         self._routed = RoutedCalls(
             self._name,
             make_router(router),
@@ -393,6 +394,8 @@ class ActorMesh(Generic[T]):
 
     def _restart_dead(self) -> list[int]:
         root = self._root
+        if root._placement is None:  # an attached mesh: its actors are restarted by the mesh that started them
+            return []
         table = root._table
         pinged = settle([h._rlmesh_ping.remote() for h in table.handles], 10)
         # An actor is dead if it says so, or if it was marked dead and does not answer (busy ones may not in time).
@@ -430,6 +433,17 @@ class ActorMesh(Generic[T]):
         root._routed.wake()
         log.info("mesh '%s' restarted %s", root._name, [root._describe_position(p) for p in dead])
         return dead
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """A mesh passed to another process (an actor's constructor argument, say) arrives attached: it calls the
+        same actors, and routes `choose` itself, with a router of its own kind and its own in-flight counts (sticky
+        keys stay in the process that uses them). A routed call whose actor died is retried on a live one there;
+        restarting actors and shutting them down stay with the mesh that started them."""
+        root = self._root
+        with root._table.lock:
+            handles = list(root._table.handles)
+        spec = (root._cls, root._name, root._shape, handles, root._router_spec, root._routed._cap)
+        return _attached_mesh, (spec, self._shape, list(self._positions))
 
     # ------------------------------------------------------------ views
 
@@ -581,9 +595,11 @@ class ActorMesh(Generic[T]):
     # ------------------------------------------------------------ shutdown
 
     def shutdown(self) -> None:
-        """Kill every actor of the mesh and release its placement group."""
+        """Kill every actor of the mesh and release its placement group. An attached mesh only stops routing."""
         root = self._root
         root._routed.close(ActorDiedError(f"mesh '{root._name}' was shut down"))  # first: deaths below restart nothing
+        if root._placement is None:
+            return
         with root._table.lock:
             root._table.alive = [False] * len(root._table.handles)
             root._table.all_alive = False
@@ -597,6 +613,44 @@ class ActorMesh(Generic[T]):
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _attached_mesh(spec: tuple[Any, ...], shape: Shape, positions: list[int]) -> ActorMesh[Any]:
+    """The mesh ActorMesh.__reduce__ sent: no placement of its own (restart_dead and shutdown leave the actors
+    alone), the same endpoints, its own routing."""
+    cls, name, root_shape, handles, router, cap = spec
+    mesh: ActorMesh[Any] = object.__new__(ActorMesh)
+    mesh.__dict__.update(
+        _shape=root_shape,
+        _name=name,
+        _cls=cls,
+        _specs=endpoints_of(cls),
+        _positions=list(range(root_shape.size)),
+        _on_restart=None,
+        _router_spec=router,
+        _distributed=False,
+        _runtime_env={},
+        _actor_options={},
+        _args=(),
+        _kwargs={},
+        _start_timeout_s=600.0,
+        _placement=None,
+        _resources={},
+        _master=(None, None),
+        _table=ActorTable(handles),
+    )
+    mesh._root = mesh
+    mesh._routed = RoutedCalls(
+        name,
+        make_router(router),
+        cap,
+        False,
+        table=lambda: mesh._table,
+        describe=mesh._describe_position,
+        restart=lambda: [],
+    )
+    mesh._bind_endpoints()
+    return mesh if positions == mesh._positions else mesh._view(shape, positions)
 
 
 def _stored_each(heads: list[Any], bodies: list[Any]) -> list[Stored[Any, Any]]:

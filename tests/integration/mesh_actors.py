@@ -173,3 +173,26 @@ class Peer:
         t = torch.tensor([float(dist.get_rank() + 1)])
         dist.all_reduce(t)
         return float(t.item())
+
+
+class MeshCaller:
+    """Holds a mesh it was given (it arrives attached) and calls it from its own process."""
+
+    def __init__(self, mesh) -> None:
+        self.mesh = mesh
+
+    @endpoint
+    async def sticky_pids(self, keys: list[str], calls: int) -> dict[str, list[int]]:
+        pids: dict[str, list[int]] = {}
+        for key in keys:
+            for _ in range(calls):
+                pids.setdefault(key, []).append((await self.mesh.whoami.options(route_key=key).choose())["pid"])
+        return pids
+
+    @endpoint
+    def all_ranks(self) -> list[int]:
+        return [who["rank"] for who in self.mesh.whoami.all().result()]
+
+    @endpoint
+    def stop(self) -> None:
+        self.mesh.shutdown()

@@ -13,6 +13,7 @@ from tests.integration.mesh_actors import (
     AsyncWorker,
     Clash,
     FailingInit,
+    MeshCaller,
     NoEndpoints,
     Peer,
     Restartable,
@@ -173,6 +174,21 @@ def test_sticky_routing_keeps_a_key_on_one_actor(ray_cluster):
             pids = {mesh.whoami.options(route_key=key).choose().result()["pid"] for _ in range(5)}
             assert len(pids) == 1
     finally:
+        mesh.shutdown()
+
+
+def test_a_mesh_passed_to_an_actor_routes_from_there_and_its_shutdown_leaves_the_actors_alive(ray_cluster):
+    mesh = ActorMesh(Worker, 3, resources={"CPU": 0.25}, name="shared", router="sticky")
+    caller = ActorMesh(MeshCaller, 1, args=(mesh,), resources={"CPU": 0.25}, name="caller", distributed_env=False)
+    try:
+        pids = caller.sticky_pids.call_one(["a", "b", "c", "d"], 4).result(timeout=60)
+        assert all(len(set(p)) == 1 for p in pids.values()), pids  # each key stayed on one actor
+        assert {p[0] for p in pids.values()} <= {w["pid"] for w in mesh.whoami.all().result()}
+        assert caller.all_ranks.call_one().result(timeout=30) == [0, 1, 2]
+        caller.stop.call_one().result(timeout=30)  # the attached copy stops routing only
+        assert [w["rank"] for w in mesh.whoami.all().result(timeout=30)] == [0, 1, 2]
+    finally:
+        caller.shutdown()
         mesh.shutdown()
 
 
