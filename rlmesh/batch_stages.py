@@ -10,6 +10,7 @@ import torch
 
 from rlmesh.algo import apply_kl_penalty, get_advantage_estimator, rollout_correction
 from rlmesh.data import Batch
+from rlmesh.envs import episode_metrics
 from rlmesh.metrics import data_metrics, reward_metrics, rollout_probs_diff_metrics, staleness_metrics
 
 
@@ -24,13 +25,20 @@ class Layout:
 
 
 def assemble_generations(
-    samples: Sequence[Any], prompts: Mapping[str, Sequence[Any]], n: int, layout: Layout
+    samples: Sequence[Any], prompts: Mapping[str, Sequence[Any]], group_sizes: Sequence[int], layout: Layout
 ) -> tuple[Batch, None]:
-    """The step batch from n samples per prompt (in prompt order): padded tensors as Batch.from_generations lays
-    them out, each of the prompts' fields (one value per prompt) repeated over its samples, and each sample's
-    weight_version."""
+    """The step batch from each prompt's samples (in prompt order, group_sizes[i] of prompt i: n, or more where a
+    multi-turn episode split into several samples): padded tensors as Batch.from_generations lays them out, each of
+    the prompts' fields (one value per prompt) repeated over its samples, and each sample's weight_version."""
     # Multi-turn samples carry a response mask of their own; custom rollouts' samples may lack the field.
     masks = [getattr(s, "response_mask", None) for s in samples]
+    episodes = [getattr(s, "episode", None) for s in samples]
+    # Episodes' columns: the environment's rewards (the reward role takes them) and each episode's stats.
+    multi_turn = (
+        {"env_reward": [getattr(s, "env_reward", None) for s in samples], "episode": episodes}
+        if any(e is not None for e in episodes)
+        else {}
+    )
     batch = Batch.from_generations(
         [s.prompt_ids for s in samples],
         [s.response_ids for s in samples],
@@ -38,12 +46,16 @@ def assemble_generations(
         pad_token_id=layout.pad_token_id,
         prompt_length=layout.prompt_length,
         response_length=layout.response_length,
-        non_tensors={key: [v for v in values for _ in range(n)] for key, values in prompts.items()}
+        non_tensors={
+            key: [v for v, size in zip(values, group_sizes, strict=True) for _ in range(size)]
+            for key, values in prompts.items()
+        }
         | {
             "weight_version": [s.weight_version for s in samples],
             # None where a custom rollout's samples do not record it: staleness_metrics reads it as weight_version
             "last_weight_version": [getattr(s, "last_weight_version", None) for s in samples],
-        },
+        }
+        | multi_turn,
         meta={"temperature": layout.temperature},
         response_masks=masks if any(mask is not None for mask in masks) else None,
     )
@@ -136,6 +148,8 @@ def prepare_update(batch: Batch, settings: UpdateSettings) -> tuple[Batch, dict[
     )
     metrics["perf/total_num_tokens"] = float(merged["attention_mask"].sum().item())
     metrics |= staleness_metrics(batch["weight_version"], batch.get("last_weight_version"), settings.policy_version)
+    if "episode" in batch:  # num_turns, tool_calls, how episodes ended (one stats record per episode)
+        metrics |= episode_metrics([stats for stats in batch["episode"] if stats is not None])
     if kept is not None:
         update["response_mask"] = kept
     return update, metrics

@@ -195,12 +195,30 @@ class RewardConfig:
 
 
 @dataclass
+class AgentConfig:
+    """Multi-turn rollouts: with an environment set, every sample is an episode that agent-loop actors play, one
+    rollout.generate call per model turn (routed to the episode's engine), the environment's tools run there.
+    sampling.max_tokens caps each turn; data.max_prompt_length the first prompt."""
+
+    _target_: str = "rlmesh.roles.agent_loop.ToolAgentLoop"
+    # The environment class, one instance per episode: {_target_: package.module.Class, ...its kwargs}.
+    # Empty: single-turn generation (no agent loop).
+    environment: dict[str, Any] = field(default_factory=dict)
+    num_actors: int = 1
+    max_turns: int = 4  # model turns per episode
+    max_total_tokens: int = 1024  # prompt and every turn of one training sample
+    tool_timeout_s: float = 10.0  # each tool call, and each environment reset or step
+    resources_per_actor: dict[str, float] = field(default_factory=lambda: {"CPU": 0.25})
+
+
+@dataclass
 class RolesConfig:
     trainer: ActorConfig = field(default_factory=ActorConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
 
 
 @dataclass

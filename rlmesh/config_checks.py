@@ -17,7 +17,7 @@ from rlmesh.algo import (
     rs_bounds,
 )
 from rlmesh.config import AlgorithmConfig, AsyncConfig, RlmeshConfig, check_model_path, looks_like_hub_name
-from rlmesh.plan import Report, RunPlan, plan_roles
+from rlmesh.plan import Report, RunPlan, plan_roles, resolve_role_class
 
 
 class ConfigError(ValueError):
@@ -144,6 +144,7 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
 
     # --- role settings that would otherwise fail inside an actor, after every mesh has started
     _check_role_settings(bad, cfg, use_critic)
+    _check_agent(bad, cfg)
 
     # --- where things come from
     check_model_path(bad, "model.path", cfg.model.path)
@@ -324,6 +325,63 @@ def _check_trainer_mode(bad: Report, cfg: RlmeshConfig) -> None:
             f"its greedy baseline is generated and scored with the step's samples, which trainer.mode={mode} does "
             "not do",
             "set trainer.mode=sync, or pick an estimator without a greedy baseline (grpo, rloo, ...)",
+        )
+
+
+def _check_agent(bad: Report, cfg: RlmeshConfig) -> None:
+    """Multi-turn settings: an environment class that can be made and whose tools have schemas, limits that an
+    episode can run within, and the options that cannot take an episode's samples."""
+    agent, rollout = cfg.roles.agent, cfg.roles.rollout
+    if not agent.environment:
+        return
+    key = "roles.agent.environment"
+    target = agent.environment.get("_target_")
+    if not target:
+        bad(key, dict(agent.environment), "no _target_", f"set {key}._target_ to an environment class's dotted path")
+        return
+    cls = resolve_role_class(bad, key, str(target))
+    if cls is None:
+        return
+    missing = [name for name in ("reset", "step") if not callable(getattr(cls, name, None))]
+    if missing:
+        bad(
+            f"{key}._target_",
+            target,
+            f"the class has no {' or '.join(missing)}, which the environment contract needs",
+            "give it reset(row) and step(action) (rlmesh.envs.Environment)",
+        )
+        return
+    from rlmesh.envs import tool_schemas
+    from rlmesh.roles.agent_loop import environment_factory
+
+    try:  # what every agent-loop actor does first: make one and render its tools' schemas
+        tool_schemas(environment_factory(agent.environment)())
+    except Exception as err:
+        bad(key, dict(agent.environment), f"cannot be made, or its tools have no schema: {err}", "fix the class")
+    if agent.max_turns < 1:
+        bad("roles.agent.max_turns", agent.max_turns, "must be at least 1", "set roles.agent.max_turns >= 1")
+    if agent.max_total_tokens < 2:
+        bad(
+            "roles.agent.max_total_tokens",
+            agent.max_total_tokens,
+            "must hold a prompt token and a sampled one",
+            "set it to the prompt's length plus every turn's, e.g. 1024",
+        )
+    if agent.tool_timeout_s <= 0:
+        bad("roles.agent.tool_timeout_s", agent.tool_timeout_s, "must be positive", "give a time in seconds, e.g. 10")
+    if rollout.max_model_len is not None and rollout.max_model_len < agent.max_total_tokens:
+        bad(
+            "roles.agent.max_total_tokens",
+            agent.max_total_tokens,
+            f"an episode would not fit the engines' roles.rollout.max_model_len={rollout.max_model_len}",
+            "lower it, or raise roles.rollout.max_model_len to at least it",
+        )
+    if cfg.algorithm.dynamic_sampling.enable:
+        bad(
+            "algorithm.dynamic_sampling.enable",
+            True,
+            "dynamic sampling lays draws out at the single-turn widths, which an episode's turns exceed",
+            "turn dynamic sampling off with roles.agent.environment, or leave the environment out",
         )
 
 

@@ -35,6 +35,7 @@ from rlmesh.mesh import ActorDiedError, Stored, StoredRows, run_stored, wait_all
 from rlmesh.metrics import idle_ratio, throughput_metrics, validation_metrics
 from rlmesh.recovery import RoleCall, RunFailed, RunInterrupted, SkippedUpdates, StopRequest
 from rlmesh.roles.contracts import (
+    AgentLoopMesh,
     BusyTimedRolloutMesh,
     PolicyMesh,
     ReferenceMesh,
@@ -68,6 +69,7 @@ class Roles:
     reference: ReferenceMesh | None
     critic: ValueMesh | None
     weight_sync: WeightSync
+    agent: AgentLoopMesh | None = None  # multi-turn: its actors play the episodes, calling the rollout mesh
 
 
 @dataclass
@@ -86,7 +88,9 @@ class IssuedRollout:
     @property
     def num_groups(self) -> int:
         """Groups issued: in flight, or finished and waiting."""
-        return len(self.batch) // self.n if self.batch is not None else len(self.groups)
+        if self.batch is None:
+            return len(self.groups)
+        return len(self.prompts) if self.prompts else len(self.batch) // self.n
 
     @property
     def pending(self) -> int:
@@ -309,9 +313,13 @@ class RLLoop:
         sampling, start = issued.sampling, len(issued.groups)
         base = sampling.seed if sampling.seed is not None else self.cfg.trainer.seed
         generate = self.roles.rollout.generate.in_store()
+        episodes = self.roles.agent.run_group.in_store() if self.roles.agent else None
         for prompt in issued.prompts[start : start + count]:
             seed = sampling_seed(base, issued.step, prompt["index"])
-            issued.groups.append(generate.choose(prompt["prompt_ids"], issued.n, sampling, seed))
+            if episodes is not None:  # n multi-turn episodes, played by an agent loop
+                issued.groups.append(episodes.choose(prompt, issued.n, sampling, seed))
+            else:
+                issued.groups.append(generate.choose(prompt["prompt_ids"], issued.n, sampling, seed))
 
     def assemble(self, issued: IssuedRollout, fixed_widths: bool = False) -> StoredRows[Batch]:
         """Wait for the issued requests and lay their samples out as one batch (in the store), once; prompts still
@@ -319,7 +327,7 @@ class RLLoop:
         if issued.batch is not None:
             return issued.batch
         self.top_up(issued, issued.pending)
-        prompts, step, n, sampling = issued.prompts, issued.step, issued.n, issued.sampling
+        prompts, step, sampling = issued.prompts, issued.step, issued.sampling
         groups: list[Stored[list[Sample], None]] = wait_all(issued.groups)
         per_prompt = {
             "data_source": [p["data_source"] for p in prompts],
@@ -334,7 +342,8 @@ class RLLoop:
             temperature=sampling.temperature or 1.0,
         )
         samples = StoredRows.concat([group.rows for group in groups])
-        issued.batch = run_stored(assemble_generations, samples, per_prompt, n, layout).result().rows
+        sizes = [len(group.rows) for group in groups]  # n each, or more where an episode split into samples
+        issued.batch = run_stored(assemble_generations, samples, per_prompt, sizes, layout).result().rows
         return issued.batch
 
     def compute_advantages(self, batch: StoredRows[Batch], step: int) -> tuple[StoredRows[Batch], dict[str, float]]:
@@ -352,7 +361,10 @@ class RLLoop:
             recompute_old_logprobs=algo.recompute_old_logprobs,
             rollout_correction=asdict(algo.rollout_correction),
             policy_version=step - 1,
-            max_response_length=self.cfg.roles.rollout.sampling.max_tokens,
+            # an episode's response holds every turn: its cap is the episode's, not one turn's
+            max_response_length=self.cfg.roles.agent.max_total_tokens
+            if self.roles.agent
+            else self.cfg.roles.rollout.sampling.max_tokens,
             max_prompt_length=self.cfg.data.max_prompt_length,
         )
         done = run_stored(prepare_update, batch, settings).result()

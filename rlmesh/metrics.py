@@ -117,14 +117,14 @@ def reward_metrics(batch: Batch) -> dict[str, float]:
 
 
 def validation_metrics(
-    data_sources: Sequence[str], scores: Sequence[float], accs: Sequence[float] | None, n: int
+    data_sources: Sequence[str], scores: Sequence[float], accs: Sequence[float | None] | None, n: int
 ) -> dict[str, float]:
-    """val-core/<data_source>/acc/mean@n (accuracy where the scorer reports one, else the score) and
-    val-core/<data_source>/reward/mean@n, averaged over every sample of every prompt."""
+    """val-core/<data_source>/acc/mean@n (accuracy where the scorer reports one, else the score: an environment's
+    reward, say) and val-core/<data_source>/reward/mean@n, averaged over every sample of every prompt."""
     by_source: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for i, source in enumerate(data_sources):
-        acc = accs[i] if accs is not None else scores[i]
-        by_source[source].append((float(scores[i]), float(acc)))
+        reported = accs[i] if accs is not None else None
+        by_source[source].append((float(scores[i]), float(reported if reported is not None else scores[i])))
     out: dict[str, float] = {}
     for source, pairs in by_source.items():
         out[f"val-core/{source}/reward/mean@{n}"] = sum(p[0] for p in pairs) / len(pairs)

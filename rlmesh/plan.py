@@ -15,6 +15,7 @@ from hydra.utils import get_class
 from rlmesh.config import ActorConfig, CriticConfig, Report, RlmeshConfig
 from rlmesh.roles.contracts import (
     COLLECTIVE_TRANSPORTS,
+    AgentLoop,
     Capabilities,
     CollectivePolicyLearner,
     CollectiveRollout,
@@ -31,7 +32,7 @@ from rlmesh.roles.contracts import (
 TRANSPORTS = ("auto", "object_store", *COLLECTIVE_TRANSPORTS)
 LEARNERS = ("trainer", "critic")  # roles that train, with a learning-rate schedule over the run
 # Roles whose class needs no GPU unless it says so (needs_gpu = True): rule scorers run on CPU.
-CPU_BY_DEFAULT = ("reward",)
+CPU_BY_DEFAULT = ("reward", "agent")
 
 
 class _Row(NamedTuple):
@@ -140,7 +141,13 @@ def plan_roles(
             rollout.num_engines,
             "resources_per_engine",
             dict(config=rollout, model=actor.model, seed=seed),
-            {**service, "max_in_flight_per_actor": rollout.max_concurrent_requests_per_engine, "auto_restart": True},
+            {
+                **service,
+                "max_in_flight_per_actor": rollout.max_concurrent_requests_per_engine,
+                "auto_restart": True,
+                # every turn of an episode to the engine with its prefix cache (calls without a key: power of two)
+                "router": "sticky" if roles.agent.environment else "power_of_two",
+            },
         ),
         _Row(
             "reward",
@@ -164,6 +171,10 @@ def plan_roles(
         )
     if use_critic:
         rows.append(learner("critic", critic))
+    agent = roles.agent
+    if agent.environment:  # multi-turn: episodes played by agent-loop actors (given the rollout mesh at start)
+        kwargs = dict(config=agent, rollout=None, tokenizer_path=actor.model.path)
+        rows.append(_Row("agent", agent._target_, agent.num_actors, "resources_per_actor", kwargs, service))
     classes = {row.name: resolve_role_class(bad, f"roles.{row.name}", row.target) for row in rows}
     caps = {
         name: capabilities_of(cls, needs_gpu=name not in CPU_BY_DEFAULT)
@@ -207,8 +218,9 @@ def plan_roles(
                 f"roles.{name}.{row.resources_field}",
                 kwargs,
                 row.mesh_options,
-                # vLLM sizes its cache from the GPU memory it finds free, so colocated engines start after the trainer
-                wave=1 if colocated and is_rollout else 0,
+                # vLLM sizes its cache from the GPU memory it finds free, so colocated engines start after the trainer;
+                # agent loops get the rollout mesh, so they start after it
+                wave=(1 if colocated and is_rollout else 0) + (2 if name == "agent" else 0),
                 # vLLM's ray executor reserves the tensor-parallel workers' GPUs itself, outside the engine actor
                 outside_actors={"GPU": float(tensor_parallel * row.size)} if is_rollout and tensor_parallel > 1 else {},
                 optimizer_steps_per_step=row.optimizer_steps,
@@ -229,6 +241,7 @@ def role_contracts(transport: str, sleeps: bool) -> dict[str, tuple[type, ...]]:
         "reward": (Scorer,),
         "reference": (Reference,),
         "critic": (ValueLearner,),
+        "agent": (AgentLoop,),
     }
 
 

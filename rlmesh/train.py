@@ -31,7 +31,14 @@ from rlmesh.plan import RoleSpec, RunPlan
 from rlmesh.recovery import RunFailed, RunInterrupted, StopRequest
 
 if TYPE_CHECKING:
-    from rlmesh.roles.contracts import PolicyMesh, ReferenceMesh, RolloutMesh, ScorerMesh, ValueMesh
+    from rlmesh.roles.contracts import (
+        AgentLoopMesh,
+        PolicyMesh,
+        ReferenceMesh,
+        RolloutMesh,
+        ScorerMesh,
+        ValueMesh,
+    )
 
 log = logging.getLogger("rlmesh")
 
@@ -227,6 +234,8 @@ def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, release: con
         kwargs = dict(spec.kwargs)
         if spec.learner:  # the learning-rate schedule spans the whole run
             kwargs["total_training_steps"] = total_steps * spec.optimizer_steps_per_step
+        if spec.name == "agent":  # the agent loops call the engines themselves (the mesh arrives attached)
+            kwargs["rollout"] = built["rollout"]
         options = dict(spec.mesh_options)
         if spec.mesh_options.get("auto_restart"):
             options["on_restart"] = on_rollout_restart
@@ -265,6 +274,7 @@ def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, release: con
         reference=cast("ReferenceMesh", built["reference"]) if "reference" in built else None,
         critic=cast("ValueMesh", built["critic"]) if "critic" in built else None,
         weight_sync=weight_sync,
+        agent=cast("AgentLoopMesh", built["agent"]) if "agent" in built else None,
     )
 
 

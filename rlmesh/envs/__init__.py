@@ -1,6 +1,6 @@
 """Environments and tools for multi-turn rollouts: the reset/step contract, tool schemas and calls, token buffers."""
 
-from rlmesh.envs.multi_turn import Episode, EpisodeLimits, episode_metrics, run_episode
+from rlmesh.envs.multi_turn import Episode, EpisodeLimits, EpisodeStats, episode_metrics, run_episode
 from rlmesh.envs.protocol import Environment, StepResult, TRLEnvironment, as_step_result, tool_methods, tool_schemas
 from rlmesh.envs.tool_calls import ToolCall, ToolOutcome, parse_tool_calls, run_tool
 from rlmesh.envs.trajectory import ChatTurns, HistoryRewritten, TokenTrajectory
@@ -10,6 +10,7 @@ __all__ = [
     "Environment",
     "Episode",
     "EpisodeLimits",
+    "EpisodeStats",
     "HistoryRewritten",
     "StepResult",
     "TRLEnvironment",

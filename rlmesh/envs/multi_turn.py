@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +35,19 @@ class EpisodeLimits:
     tool_timeout_s: float = 10.0  # each tool call, and each environment reset or step
 
 
+@dataclass(frozen=True)
+class EpisodeStats:
+    """What the metrics need of one episode: small, so it travels with the episode's first sample."""
+
+    num_turns: int
+    tool_calls: int
+    tool_errors: int
+    tool_timeouts: int
+    ended_by: str
+    pieces: int
+    env_error: bool
+
+
 @dataclass
 class Episode:
     pieces: list[TokenTrajectory]  # one training sample each; more than one where the template rewrote history
@@ -47,6 +60,17 @@ class Episode:
     ended_by: str = "done"  # done | no_observation | max_turns | max_total_tokens | length | env_error
     error: str | None = None  # what the environment raised, or that it hung
     info: dict[str, Any] = field(default_factory=dict)
+
+    def stats(self) -> EpisodeStats:
+        return EpisodeStats(
+            self.num_turns,
+            self.tool_calls,
+            self.tool_errors,
+            self.tool_timeouts,
+            self.ended_by,
+            len(self.pieces),
+            self.error is not None,
+        )
 
 
 def as_messages(observation: Observation) -> list[dict[str, Any]]:
@@ -141,10 +165,11 @@ async def run_episode(
     return episode
 
 
-def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
+def episode_metrics(played: Sequence[Episode | EpisodeStats]) -> dict[str, float]:
     """num_turns/{mean,max,min} (model turns per episode), tool_calls/{count,errors,timeouts} (totals),
-    episodes/ended_by/<reason> (fractions), episodes/split (episodes the template made into several samples) and
-    episodes/env_errors."""
+    tool_calls/per_episode, episodes/ended_by/<reason> (fractions), episodes/split (episodes the template made into
+    several samples) and episodes/env_errors."""
+    episodes = [e.stats() if isinstance(e, Episode) else e for e in played]
     if not episodes:
         return {}
     turns = [episode.num_turns for episode in episodes]
@@ -155,8 +180,9 @@ def episode_metrics(episodes: list[Episode]) -> dict[str, float]:
         "tool_calls/count": float(sum(e.tool_calls for e in episodes)),
         "tool_calls/errors": float(sum(e.tool_errors for e in episodes)),
         "tool_calls/timeouts": float(sum(e.tool_timeouts for e in episodes)),
-        "episodes/split": float(sum(len(e.pieces) > 1 for e in episodes)),
-        "episodes/env_errors": float(sum(e.error is not None for e in episodes)),
+        "tool_calls/per_episode": sum(e.tool_calls for e in episodes) / len(episodes),
+        "episodes/split": float(sum(e.pieces > 1 for e in episodes)),
+        "episodes/env_errors": float(sum(e.env_error for e in episodes)),
     }
     for reason in sorted({e.ended_by for e in episodes}):
         metrics[f"episodes/ended_by/{reason}"] = sum(e.ended_by == reason for e in episodes) / len(episodes)

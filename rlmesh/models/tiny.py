@@ -16,7 +16,8 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, Qwen2Config,
 from rlmesh.reward import default_compute_score
 
 # The committed base model of `python -m rlmesh.train recipe=grpo`, made by scripts/make_base_model.py.
-TINY_ARITH_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny-arith"
+ASSETS_PATH = Path(__file__).resolve().parents[1] / "assets"
+TINY_ARITH_PATH = ASSETS_PATH / "tiny-arith"
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -75,6 +76,33 @@ def build_char_tokenizer(characters: str = CHARACTERS) -> Qwen2Tokenizer:
     return tokenizer
 
 
+# The agentic default (recipe=grpo_tool): the same characters, plus the chat's and the tool syntax's fixed strings
+# as whole tokens, so that a calculator call is a dozen tokens for a character-level model. They are ordinary
+# added tokens, not special ones, so that decoding keeps them (the tool-call parser reads the decoded text).
+TOOL_CALL_OPEN = '<tool_call>{"name": "calculate", "arguments": {"expression": "'
+TOOL_CALL_CLOSE = '"}}</tool_call>'
+ASSISTANT_TOKEN = "<|assistant|>"
+TOOL_TOKENS = (ASSISTANT_TOKEN, TOOL_CALL_OPEN, TOOL_CALL_CLOSE, "<tool_response>", "</tool_response>")
+# The user's prompt as is, each assistant turn after <|assistant|> and ended by eos, each tool result between
+# <tool_response> tags; tools are not listed (the model knows its one tool).
+TOOL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ message['content'] }}<|endoftext|>"
+    "{% elif message['role'] == 'tool' %}<tool_response>{{ message['content'] }}</tool_response><|assistant|>"
+    "{% else %}{{ message['content'] }}<|assistant|>{% endif %}"
+    "{% endfor %}"
+)
+
+
+def build_tool_tokenizer() -> Qwen2Tokenizer:
+    """build_char_tokenizer's characters, then TOOL_TOKENS as added tokens, with TOOL_CHAT_TEMPLATE. Every prompt
+    and tool result ends on <|assistant|>, so the template needs no generation prompt of its own."""
+    tokenizer = build_char_tokenizer()
+    tokenizer.add_tokens(list(TOOL_TOKENS))
+    tokenizer.chat_template = TOOL_CHAT_TEMPLATE
+    return tokenizer
+
+
 def tiny_qwen2_config(tokenizer: PreTrainedTokenizerBase, **overrides: Any) -> Qwen2Config:
     """TINY_QWEN2_DEFAULTS updated by `overrides`, sized to `tokenizer`'s vocabulary and special token ids."""
     settings = {**TINY_QWEN2_DEFAULTS, **overrides}
@@ -129,6 +157,31 @@ def sft_example(tokenizer: PreTrainedTokenizerBase, row: dict[str, Any]) -> tupl
     return [*prompt, *answer], [-100] * len(prompt) + answer
 
 
+def calculator_sft_example(
+    tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], use_tool: bool
+) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one calculator episode as the agent loop lays it out: the prompt, then either the
+    answer, or a calculate call, its result and the answer copied from it. Labels are -100 on the prompt and the
+    tool's tokens, so only what the model samples is learned."""
+    from rlmesh.envs import ChatTurns
+
+    turns = ChatTurns(tokenizer)
+    messages = [dict(message) for message in row["prompt"]]
+    ids = turns.prompt_ids(messages)
+    labels = [-100] * len(ids)
+    answer = str(row["reward_model"]["ground_truth"])
+    if use_tool:
+        expression = str(row["extra_info"]["expression"])
+        call = f"{TOOL_CALL_OPEN}{expression}{TOOL_CALL_CLOSE}"
+        sampled = [*tokenizer.encode(call, add_special_tokens=False), tokenizer.eos_token_id]
+        messages.append({"role": "assistant", "content": call})
+        tool = [{"role": "tool", "name": "calculate", "content": answer}]
+        between = turns.continuation_ids(messages, tool, tokenizer.eos_token_id)
+        ids, labels = [*ids, *sampled, *between], [*labels, *sampled, *([-100] * len(between))]
+    final = [*tokenizer.encode(answer, add_special_tokens=False), tokenizer.eos_token_id]
+    return [*ids, *final], [*labels, *final]
+
+
 # 'constant' stops mid-training, at the peak learning rate; 'cosine' anneals to zero. At the same held-out accuracy
 # the constant-schedule model is the better RL start (measured in scripts/make_base_model.py).
 SFT_SCHEDULES = ("cosine", "constant")
@@ -146,15 +199,17 @@ def sft(
     max_grad_norm: float = 1.0,
     log_every: int = 0,
     schedule: str = "cosine",
+    examples: Sequence[tuple[list[int], list[int]]] | None = None,
 ) -> list[float]:
     """Trains `model` in place for `steps` AdamW steps on batches drawn from `rows` (with a seeded generator, so a
     seed gives the same model), with linear warmup, then cosine decay to zero (schedule='cosine') or the peak `lr`
-    to the end (schedule='constant'). Returns the loss of every step."""
+    to the end (schedule='constant'). `examples` ((input_ids, labels) pairs) replace the rows' sft_example.
+    Returns the loss of every step."""
     if steps < 1 or not rows:
         raise ValueError(f"need steps >= 1 and at least one row, got steps={steps} and {len(rows)} rows")
     if schedule not in SFT_SCHEDULES:
         raise ValueError(f"schedule must be one of {SFT_SCHEDULES}, got {schedule!r}")
-    examples = [sft_example(tokenizer, row) for row in rows]
+    examples = list(examples) if examples is not None else [sft_example(tokenizer, row) for row in rows]
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
 

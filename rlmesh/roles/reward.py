@@ -184,8 +184,18 @@ class RuleReward:
             ScoreItem(str(source), text, truth, dict(info) if info is not None else None)
             for source, text, truth, info in zip(batch["data_source"], texts, ground_truths, extra_infos, strict=True)
         ]
-        result = self.scorer.score(items)
-        return _scored_batch(batch, result.scores, result.failures, result.extras, self.overlong)
+        # An environment that rewards its episodes has the last word on them; the function scores the rest.
+        env_rewards = batch.get("env_reward") or [None] * len(batch)
+        unscored = [i for i, reward in enumerate(env_rewards) if reward is None]
+        result = self.scorer.score([items[i] for i in unscored])
+        scores = [float(reward) if reward is not None else 0.0 for reward in env_rewards]
+        failures: list[str | None] = [None] * len(batch)
+        extras: dict[str, list[Any]] = {key: [None] * len(batch) for key in result.extras}
+        for position, i in enumerate(unscored):
+            scores[i], failures[i] = result.scores[position], result.failures[position]
+            for key, values in result.extras.items():
+                extras[key][i] = values[position]
+        return _scored_batch(batch, scores, failures, extras, self.overlong)
 
     def close(self) -> None:
         """Stop the scoring processes now, not at garbage collection (a later score() restarts them). Not an

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from rlmesh.envs import EpisodeStats
+
 
 @dataclass
 class Sample:
@@ -25,6 +27,10 @@ class Sample:
     # logprobs are 0. None: every response token was sampled.
     response_mask: list[int] | None = None
     cached_tokens: int | None = None  # prompt tokens the engine found in its prefix cache (None: not reported)
+    # An episode's: the environment's reward (None: the reward role scores the text), and on its first sample the
+    # episode's turns, tool calls and ending (the others None), for the step's metrics.
+    env_reward: float | None = None
+    episode: EpisodeStats | None = None
 
 
 def sampling_seed(base_seed: int, step: int, prompt_index: int) -> int:

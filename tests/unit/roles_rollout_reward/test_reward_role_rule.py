@@ -200,3 +200,20 @@ def test_a_multi_turn_response_is_read_whole_and_scored_on_its_last_token_whatev
     scored = reward.score(batch)
     assert scored["score"] == [1.0]
     assert scored["token_level_scores"].tolist() == [[0.0, 0.0, 0.0, 1.0, 0.0, 0.0]]
+
+
+def test_an_environments_reward_is_the_score_and_the_function_scores_the_episodes_without_one(tiny_model_path: str):
+    from rlmesh.metrics import validation_metrics
+
+    reward = make_reward(tiny_model_path)
+    # Row 0's environment rewarded 1 a response the function would score 0; row 1's gave none, so it is read.
+    batch = arithmetic_batch([[*encode("67"), EOS], [*encode("68"), EOS], [*encode("68"), EOS]], ["68"] * 3, width=4)
+    batch["env_reward"] = [1.0, None, 0.0]
+    scored = reward.score(batch)
+    assert scored["score"] == [1.0, 1.0, 0.0]
+    assert scored["acc"] == [None, True, None]  # the function's extras, for the rows it scored
+    assert scored["token_level_scores"][:, 2].tolist() == [1.0, 1.0, 0.0]
+    # Validation takes a row's accuracy where the function gave one, else its score.
+    metrics = validation_metrics(["arithmetic"] * 3, scored["score"], scored["acc"], n=1)
+    assert metrics["val-core/arithmetic/acc/mean@1"] == pytest.approx(2 / 3)
+    reward.close()
