@@ -26,6 +26,7 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 REWARD_KEY = "critic/score/mean"
 VAL_PREFIX = "val-core/"
+AGENT_KEYS = ("tool_calls/per_episode", "num_turns/mean")  # a multi-turn run's tool use
 # What a console line shows; an entry ending in "/" matches every key under it. Everything goes to the other backends.
 CONSOLE_KEYS = (
     REWARD_KEY,
@@ -312,12 +313,22 @@ def curves_figure(
     val_prefix: str = VAL_PREFIX,
     title: str = "reward and validation accuracy per step",
 ) -> Figure:
-    """Two panels sharing the step axis: reward_key on top, every validation accuracy series below."""
+    """Panels sharing the step axis: reward_key on top, every validation accuracy series below, and for a multi-turn
+    run (one that logged AGENT_KEYS) the tool calls and turns per episode at the bottom."""
     from matplotlib.figure import Figure  # Figure + Agg canvas directly: no pyplot, no global backend to switch
 
-    figure = Figure(figsize=(8, 6), layout="constrained")
-    reward_axes, val_axes = figure.subplots(2, 1, sharex=True)
+    agent_keys = [key for key in AGENT_KEYS if any(record.get(key) is not None for record in records.values())]
+    figure = Figure(figsize=(8, 8 if agent_keys else 6), layout="constrained")
+    axes = figure.subplots(3 if agent_keys else 2, 1, sharex=True)
+    reward_axes, val_axes = axes[0], axes[1]
     figure.suptitle(title)
+    if agent_keys:
+        for key in agent_keys:
+            axes[2].plot(*_series(records, key), label=key)
+        axes[2].set_ylabel("per episode")
+        axes[2].legend(fontsize="small")
+        axes[2].grid(alpha=0.3)
+        axes[2].set_xlabel("step")
 
     reward_points = _series(records, reward_key)
     reward_axes.plot(*reward_points, label=reward_key, color="tab:blue")
@@ -336,7 +347,8 @@ def curves_figure(
             0.5, 0.5, f"no {val_prefix}*/acc/* metrics", ha="center", va="center", transform=val_axes.transAxes
         )
     val_axes.set_ylabel("validation accuracy")
-    val_axes.set_xlabel("step")
+    if not agent_keys:
+        val_axes.set_xlabel("step")
     val_axes.grid(alpha=0.3)
     return figure
 
