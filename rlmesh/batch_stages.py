@@ -56,7 +56,8 @@ def assemble_generations(
             "last_weight_version": [getattr(s, "last_weight_version", None) for s in samples],
         }
         | multi_turn,
-        meta={"temperature": layout.temperature},
+        # the step's prompts: with split episodes a batch has more rows than prompts × n (mini-batches count prompts)
+        meta={"temperature": layout.temperature, "prompts": len(group_sizes)},
         response_masks=masks if any(mask is not None for mask in masks) else None,
     )
     return batch, None

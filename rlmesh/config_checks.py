@@ -6,6 +6,8 @@ import importlib.util
 import math
 from pathlib import Path
 
+from hydra.utils import get_class
+
 from rlmesh.algo import (
     ADVANTAGE_ESTIMATORS,
     IS_LEVELS,
@@ -342,20 +344,28 @@ def _check_agent(bad: Report, cfg: RlmeshConfig) -> None:
     cls = resolve_role_class(bad, key, str(target))
     if cls is None:
         return
-    missing = [name for name in ("reset", "step") if not callable(getattr(cls, name, None))]
+    # The agent loop's class says what it drives: an environment (reset, step) or a black-box agent (run).
+    try:  # an unimportable agent loop is the role table's to report
+        loop_cls: type | None = get_class(agent._target_)
+    except Exception:
+        loop_cls = None
+    wanted = tuple(getattr(loop_cls, "environment_methods", ("reset", "step")))
+    missing = [name for name in wanted if not callable(getattr(cls, name, None))]
     if missing:
         bad(
             f"{key}._target_",
             target,
-            f"the class has no {' or '.join(missing)}, which the environment contract needs",
-            "give it reset(row) and step(action) (rlmesh.envs.Environment)",
+            f"the class has no {' or '.join(missing)}, which {agent._target_} calls",
+            f"give it {', '.join(wanted)} (rlmesh.envs.Environment, or rlmesh.roles.openai_agent.OpenAIAgent)",
         )
         return
     from rlmesh.envs import tool_schemas
     from rlmesh.roles.agent_loop import environment_factory
 
-    try:  # what every agent-loop actor does first: make one and render its tools' schemas
-        tool_schemas(environment_factory(agent.environment)())
+    try:  # what every agent-loop actor does first: make one (and render its tools' schemas)
+        made = environment_factory(agent.environment)()
+        if "step" in wanted:
+            tool_schemas(made)
     except Exception as err:
         bad(key, dict(agent.environment), f"cannot be made, or its tools have no schema: {err}", "fix the class")
     if agent.max_turns < 1:

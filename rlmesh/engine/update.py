@@ -53,6 +53,7 @@ def run_mini_batches(
     loss_agg_mode: str,
     micro_loss: Callable[[Batch, float], MicroLoss],
     prefix: str,
+    num_mini_batches: int | None = None,
 ) -> dict[str, float]:
     """`epochs` passes over this rank's shard in mini-batches of `mini_batch_size` rows (shuffled each epoch when a
     generator is given); each mini-batch is one optimizer step over gradients accumulated from its micro-batches.
@@ -60,14 +61,23 @@ def run_mini_batches(
     Returns the metrics under `prefix`, equal on every rank: each loss term as the mean over mini-batches of the
     global mini-batch loss, each token mean over all valid tokens of every rank, the mean grad norm and the mean
     learning rate of the optimizer steps.
+
+    A batch with more rows than its prompts' samples (multi-turn episodes the chat template split into several)
+    does not divide into mini-batches of that size: with `num_mini_batches` (the step's prompts over
+    ppo_mini_batch_size, the same on every rank) its rows are spread over that many optimizer steps instead.
     """
     rows = len(batch)
-    if mini_batch_size < 1 or rows % mini_batch_size:
+    windows: list[Tensor | slice]
+    if num_mini_batches and mini_batch_size >= 1 and rows % mini_batch_size:
+        windows = list(torch.arange(rows).tensor_split(num_mini_batches))
+    elif mini_batch_size < 1 or rows % mini_batch_size:
         raise ValueError(
             f"this rank got {rows} samples, which do not split into mini-batches of {mini_batch_size} samples "
             f"(ppo_mini_batch_size × rollout.n / dp_size); every rank must take the same number of optimizer steps, "
             "so make the batch a multiple of ppo_mini_batch_size × rollout.n"
         )
+    else:
+        windows = [slice(start, start + mini_batch_size) for start in range(0, rows, mini_batch_size)]
     engine.module.train()
     loss_sums: dict[str, Tensor] = {}
     token_sums: dict[str, Tensor] = {}
@@ -76,8 +86,7 @@ def run_mini_batches(
     lrs: list[float] = []
     for _ in range(epochs):
         order = torch.randperm(rows, generator=shuffle_generator) if shuffle_generator is not None else None
-        for start in range(0, rows, mini_batch_size):
-            window = slice(start, start + mini_batch_size)
+        for window in windows:
             mini = batch[order[window] if order is not None else window].to(engine.device)
             denominator = loss_denominator(mini["response_mask"], loss_agg_mode, engine.world_size)
             parts = micro_batches(

@@ -45,6 +45,7 @@ class ToolAgentLoop:
     Constructed as cls(config: AgentConfig, rollout: <the rollout mesh>, *, tokenizer_path: str)."""
 
     needs_gpu = False
+    environment_methods = ("reset", "step")  # what roles.agent.environment's class must have (the config check)
 
     def __init__(self, config: AgentConfig, rollout: ActorMesh[Any], *, tokenizer_path: str) -> None:
         from transformers import AutoTokenizer
@@ -66,10 +67,9 @@ class ToolAgentLoop:
         environment_row = episode_row(row)
         episodes = await asyncio.gather(*(self.play(environment_row, sampling, seed, j) for j in range(n)))
         versions = [p.first_version for e in episodes for p in e.pieces if p.first_version is not None]
+        prompt_ids = self.turns.prompt_ids(environment_row["prompt"])
         fallback_version = max(versions, default=0)
-        return [
-            sample for episode in episodes for sample in self.samples_of(episode, environment_row, fallback_version)
-        ]
+        return [sample for episode in episodes for sample in episode_samples(episode, prompt_ids, fallback_version)]
 
     async def play(self, row: dict[str, Any], sampling: SamplingConfig, seed: int | None, j: int) -> Episode:
         environment = self.make_environment()
@@ -92,25 +92,27 @@ class ToolAgentLoop:
                 if inspect.isawaitable(result):
                     await result
 
-    def samples_of(self, episode: Episode, row: dict[str, Any], fallback_version: int) -> list[Sample]:
-        stats = episode.stats()
-        if not episode.pieces:  # the environment failed before any turn: an empty sample keeps the group whole
-            prompt = self.turns.prompt_ids(row["prompt"])
-            return [Sample(prompt, [], [], fallback_version, "stop", response_mask=[], env_reward=0.0, episode=stats)]
-        samples = []
-        for k, piece in enumerate(episode.pieces):
-            first = piece.first_version if piece.first_version is not None else fallback_version
-            samples.append(
-                Sample(
-                    prompt_ids=piece.prompt_ids,
-                    response_ids=piece.response_ids,
-                    logprobs=piece.logprobs,
-                    weight_version=first,
-                    finish_reason="length" if episode.ended_by == "length" else "stop",
-                    last_weight_version=piece.last_version,
-                    response_mask=piece.response_mask,
-                    env_reward=episode.reward,
-                    episode=stats if k == 0 else None,
-                )
+
+def episode_samples(episode: Episode, prompt_ids: list[int], fallback_version: int) -> list[Sample]:
+    """One sample per piece of `episode`, with its reward, and its stats on the first; an episode with no piece
+    (its environment or agent failed before any turn) becomes one empty sample on `prompt_ids`, scored 0, so that
+    its group stays whole and no token of it is trained."""
+    stats = episode.stats()
+    if not episode.pieces:
+        return [Sample(prompt_ids, [], [], fallback_version, "stop", response_mask=[], env_reward=0.0, episode=stats)]
+    samples = []
+    for k, piece in enumerate(episode.pieces):
+        samples.append(
+            Sample(
+                prompt_ids=piece.prompt_ids,
+                response_ids=piece.response_ids,
+                logprobs=piece.logprobs,
+                weight_version=piece.first_version if piece.first_version is not None else fallback_version,
+                finish_reason="length" if episode.ended_by == "length" else "stop",
+                last_weight_version=piece.last_version,
+                response_mask=piece.response_mask,
+                env_reward=episode.reward,
+                episode=stats if k == 0 else None,
             )
-        return samples
+        )
+    return samples

@@ -128,6 +128,7 @@ class Learner(Generic[ConfigT]):
             loss_agg_mode=config.loss_agg_mode,
             micro_loss=self._micro_loss,
             prefix=prefix,
+            num_mini_batches=int(batch.meta.get("prompts", 0)) // config.ppo_mini_batch_size or None,
         )
         self.updates += 1
         return metrics

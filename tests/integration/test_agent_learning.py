@@ -44,3 +44,27 @@ def test_the_agentic_recipe_raises_held_out_success_by_calling_its_tool(tmp_path
     assert last - first > MIN_TOOL_USE_RISE, f"tool calls per episode {first:.2f} -> {last:.2f}"
     assert all(m["tool_calls/errors"] <= m["tool_calls/count"] for m in history)
     assert max(m["num_turns/max"] for m in history) >= 2
+
+
+def test_a_black_box_agent_on_the_openai_endpoint_trains(tmp_path: Path):
+    # tests.integration.openai_agents.CalculatorAgent plays the calculator task with the openai client only.
+    history = run(
+        compose_config(
+            "recipe=grpo_tool",
+            "roles.agent._target_=rlmesh.roles.openai_agent.OpenAIAgentLoop",
+            "roles.agent.environment._target_=tests.integration.openai_agents.CalculatorAgent",
+            "data.train_batch_size=8",
+            "roles.trainer.ppo_mini_batch_size=8",
+            "roles.trainer.ppo_micro_batch_size_per_device=64",
+            "trainer.total_steps=3",
+            "trainer.test_freq=-1",
+            "trainer.save_freq=0",
+            "trainer.progress_bar=false",
+            "trainer.logger=[jsonl]",
+            f"trainer.output_dir={tmp_path}",
+        )
+    )
+    assert len(history) == 3 and all(m["actor/optimizer_steps"] == 1 for m in history)
+    assert max(m["num_turns/max"] for m in history) >= 2  # some episodes called the tool and answered after it
+    assert all(m["episodes/env_errors"] == 0 for m in history)
+    assert sum(m["critic/score/mean"] for m in history) > 0  # the agents' rewards reached the batch

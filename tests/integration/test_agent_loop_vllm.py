@@ -175,3 +175,91 @@ def test_raising_and_hanging_tools_and_environments_cost_their_episode_and_every
     assert all(e.ended_by == "env_error" and e.env_error for e in played["StepRaises"])
     assert all(e.ended_by == "env_error" and e.num_turns == 0 for e in played["ResetHangs"])
     assert all(e.ended_by == "max_turns" and e.num_turns == 2 for e in played["NeverDone"])
+
+
+# ---------------------------------------------------------------- black-box agents on the OpenAI-compatible endpoint
+
+
+def openai_agent_mesh(engine: Any, agent: str) -> Any:
+    from rlmesh.roles.openai_agent import OpenAIAgentLoop
+
+    config = AgentConfig(environment={"_target_": agent}, max_turns=3, max_total_tokens=64)
+    return ActorMesh(
+        OpenAIAgentLoop,
+        1,
+        args=(config, engine),
+        kwargs={"tokenizer_path": str(MODEL)},
+        resources={"CPU": 0.25},
+        name="openai-agent",
+        distributed_env=False,
+    )
+
+
+def test_an_openai_client_agents_requests_are_recorded_token_exact_with_the_engines_ids_and_logprobs(engine, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    rows = prompt_rows(3)
+    for row in rows:
+        row["extra_info"] = {**row["extra_info"], "record_dir": str(tmp_path)}
+    agent = openai_agent_mesh(engine, "tests.integration.openai_agents.TwoTurnChatAgent")
+    try:
+        groups = play(agent, rows, 4)
+        base_url = agent.endpoint_url.call_one().result(timeout=30)
+    finally:
+        agent.shutdown()
+    assert base_url.startswith("http://127.0.0.1:")
+    records = [json.loads(path.read_text()) for path in tmp_path.glob("*.json")]
+    assert len(records) == 12  # every agent run finished
+    by_tokens = {tuple(t for turn in record for t in turn["token_ids"]): record for record in records}
+    tool_tokens = tokenizer.encode("<tool_response>7</tool_response><|assistant|>")
+    for group in groups:
+        assert len(group) == 4
+        for sample in group:
+            sampled = [t for t, m in zip(sample.response_ids, sample.response_mask, strict=True) if m]
+            first, second = by_tokens[tuple(sampled)]
+            assert sample.env_reward == 0.5  # the agent's reward call
+            assert sample.episode.num_turns == 2 and sample.episode.ended_by == "done"
+            # The buffer is what the client was told the engine saw, request after request: nothing re-tokenized.
+            assert sample.prompt_ids == first["prompt_token_ids"]
+            n1 = len(first["token_ids"])
+            assert sample.response_ids[:n1] == first["token_ids"]
+            closing = sample.response_ids[n1 : n1 + len(tool_tokens)]
+            assert closing == tool_tokens and sample.response_mask[n1 : n1 + len(tool_tokens)] == [0] * len(closing)
+            assert sample.prompt_ids + sample.response_ids[: n1 + len(tool_tokens)] == second["prompt_token_ids"]
+            assert sample.response_ids[n1 + len(tool_tokens) :] == second["token_ids"]
+            mask = torch.tensor(sample.response_mask, dtype=torch.bool)
+            logprobs = torch.tensor(sample.logprobs)
+            assert logprobs[mask].tolist() == first["logprobs"] + second["logprobs"]
+            ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+            with torch.no_grad():
+                logits = model(ids).logits[0, len(sample.prompt_ids) - 1 : -1]
+            trainer = torch.log_softmax(logits, -1).gather(-1, ids[0, len(sample.prompt_ids) :, None])[:, 0]
+            assert torch.allclose(trainer[mask], logprobs[mask], atol=1e-4)
+
+
+def test_completions_requests_that_extend_the_session_append_to_it_and_others_split_it(engine):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)
+    tool_ids = tokenizer.encode("<tool_response>7</tool_response><|assistant|>")
+    rows = prompt_rows(2)
+    for row in rows:
+        row["extra_info"] = {**row["extra_info"], "prompt_ids": row["prompt_ids"], "tool_ids": tool_ids}
+    agent = openai_agent_mesh(engine, "tests.integration.openai_agents.TwoTurnCompletionAgent")
+    try:
+        groups = play(agent, rows, 3)
+    finally:
+        agent.shutdown()
+    for row, group in zip(rows, groups, strict=True):
+        assert len(group) == 6  # each episode split in two where the third request did not extend it
+        for continued, restarted in zip(group[::2], group[1::2], strict=True):
+            assert continued.episode.num_turns == 3 and continued.episode.pieces == 2 and restarted.episode is None
+            assert continued.env_reward == restarted.env_reward == 1.0  # both pieces carry the episode's reward
+            assert continued.prompt_ids == restarted.prompt_ids == row["prompt_ids"]
+            runs = spans(continued)
+            assert [mask for mask, _ in runs] == [1, 0, 1] and runs[1][1] == tool_ids
+            assert set(restarted.response_mask) == {1}

@@ -317,7 +317,7 @@ CASES: list[tuple[str, list[str], str, str]] = [
         "agent_environment_without_step",
         ["recipe=grpo_tool", "roles.agent.environment._target_=rlmesh.envs.trajectory.TokenTrajectory"],
         "roles.agent.environment._target_",
-        "has no reset or step",
+        "has no reset or step, which rlmesh.roles.agent_loop.ToolAgentLoop calls",
     ),
     (
         "agent_tool_without_schema",

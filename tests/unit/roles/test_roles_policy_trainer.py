@@ -309,3 +309,16 @@ def test_exported_weights_have_the_checkpoint_names_and_load_back(tmp_path: Path
         expected, _ = response_logprobs(loaded.eval(), batch)
     valid = batch["response_mask"].bool()
     torch.testing.assert_close(trainer.compute_logprobs(batch)["old_logprobs"][valid], expected[valid])
+
+
+def test_a_batch_with_split_episodes_trains_every_row_in_the_steps_its_prompts_make(policy_path: str) -> None:
+    # 2 prompts x 4 samples and 3 extra pieces of split episodes: 11 rows, one mini-batch per prompt (2 steps).
+    trainer = make_trainer(policy_path, ppo_mini_batch_size=1)
+    batch = training_batch(trainer, 2 * ROLLOUT_N + 3, seed=9)
+    batch["advantages"] = batch["response_mask"].float()
+    with pytest.raises(ValueError, match="do not split into mini-batches"):
+        trainer.update(batch)  # a batch that does not say how many prompts it holds
+    batch.meta["prompts"] = 2
+    metrics = trainer.update(batch)
+    assert metrics["actor/optimizer_steps"] == 2
+    assert np.isfinite(metrics["actor/pg_loss"])
