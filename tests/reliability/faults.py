@@ -123,7 +123,7 @@ class FaultyVLLMRollout(VLLMRollout):
 
 class FaultyTrainer(PolicyTrainer):
     """The policy trainer, which records every batch it trains on and the digest of its weights after each update,
-    and can die, compute a NaN loss, or stall in a checkpoint save, as the plan says."""
+    and can die, compute a NaN loss, or stall in an update or a checkpoint save, as the plan says."""
 
     @endpoint(collect=mean_over_ranks)
     def update(self, batch: Batch) -> dict[str, float]:
@@ -132,6 +132,8 @@ class FaultyTrainer(PolicyTrainer):
             record("trainer_killed", update=update)
             die()
         record("trained", update=update, uids=list(batch["uid"]), versions=list(batch["weight_version"]))
+        if plan().get("stall_update") == update:
+            time.sleep(600)  # the test SIGKILLs the controller meanwhile: mid-update, whatever the machine's speed
         metrics = super().update(batch)
         record("weights", update=update, digest=self.weights_digest())
         return metrics

@@ -271,7 +271,7 @@ def test_a_controller_sigkilled_in_async_training_resumes_with_its_batches_issue
     """trainer.mode=async, K=2: the controller is SIGKILLed during update 4, with steps 4 and 5 issued ahead. The
     checkpoint of step 3 holds those two batches; the resumed run trains them, and draws no prompt again."""
     plan, log = tmp_path / "plan.json", tmp_path / "events.jsonl"
-    write_plan(plan, log=str(log))
+    write_plan(plan, log=str(log), stall_update=4)
     out, steps, prompts, n = tmp_path / "run", 5, 8, 4
     overrides = [
         *SMALL,
