@@ -46,8 +46,9 @@ def test_the_agentic_recipe_raises_held_out_success_by_calling_its_tool(tmp_path
     assert max(m["num_turns/max"] for m in history) >= 2
 
 
-def test_a_black_box_agent_on_the_openai_endpoint_trains(tmp_path: Path):
-    # tests.integration.openai_agents.CalculatorAgent plays the calculator task with the openai client only.
+def test_a_black_box_agent_on_the_openai_endpoint_trains_asynchronously(tmp_path: Path):
+    # tests.integration.openai_agents.CalculatorAgent plays the calculator task with the openai client only, one step
+    # ahead of the trainer (trainer.mode=async: episodes are issued like single-turn groups, and stay within K=1).
     history = run(
         compose_config(
             "recipe=grpo_tool",
@@ -57,6 +58,8 @@ def test_a_black_box_agent_on_the_openai_endpoint_trains(tmp_path: Path):
             "roles.trainer.ppo_mini_batch_size=8",
             "roles.trainer.ppo_micro_batch_size_per_device=64",
             "trainer.total_steps=3",
+            "trainer.mode=async",
+            "trainer.asynchronous.max_staleness=1",
             "trainer.test_freq=-1",
             "trainer.save_freq=0",
             "trainer.progress_bar=false",
@@ -68,3 +71,4 @@ def test_a_black_box_agent_on_the_openai_endpoint_trains(tmp_path: Path):
     assert max(m["num_turns/max"] for m in history) >= 2  # some episodes called the tool and answered after it
     assert all(m["episodes/env_errors"] == 0 for m in history)
     assert sum(m["critic/score/mean"] for m in history) > 0  # the agents' rewards reached the batch
+    assert [m["rollout/staleness/max"] for m in history] == [0.0, 1.0, 1.0]  # step 1's batch was issued at version 0
