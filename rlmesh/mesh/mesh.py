@@ -386,6 +386,10 @@ class ActorMesh(Generic[T]):
         with self._root._table.restart_lock:
             return self._restart_dead()
 
+    def release_route_key(self, key: Hashable) -> None:
+        """A session routed by `key` (`endpoint.options(route_key=key)`) ended: the router may forget it."""
+        self._root._routed.release(key)
+
     def fault_counts(self) -> dict[str, int]:
         """Routed calls re-issued because their actor died, and actors restarted, since the mesh started."""
         table = self._root._table

@@ -152,6 +152,13 @@ class RoutedCalls:
             self._submit(call, from_queue=False)
         return future
 
+    def release(self, key: Hashable) -> None:
+        """The router forgets `key`, if it keeps keys (StickyRouter.release)."""
+        release = getattr(self._router, "release", None)
+        if release is not None:
+            with self._table().lock:
+                release(key)
+
     def wake(self) -> None:
         """Actors came back (restarted, or found alive): queued calls may go now."""
         self._post(self._drain)

@@ -98,6 +98,10 @@ class StickyRouter:
             self._owner[key] = chosen
         return chosen
 
+    def release(self, key: Hashable) -> None:
+        """Forget `key` (its session ended): a long run's keys would otherwise pile up."""
+        self._owner.pop(key, None)
+
 
 class _CallableRouter:
     def __init__(self, fn: Callable[[Load, Hashable | None], int | None]) -> None:

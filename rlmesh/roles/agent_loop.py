@@ -72,7 +72,11 @@ class ToolAgentLoop:
         return [sample for episode in episodes for sample in episode_samples(episode, prompt_ids, fallback_version)]
 
     async def play(self, row: dict[str, Any], sampling: SamplingConfig, seed: int | None, j: int) -> Episode:
-        environment = self.make_environment()
+        try:
+            environment = self.make_environment()
+        except Exception as err:  # costs this episode only: an empty sample
+            error = f"the environment could not be made: {type(err).__name__}: {err}"
+            return Episode(pieces=[], messages=[], ended_by="env_error", error=error)
         route_key = uuid.uuid4().hex
         turn_numbers = itertools.count()
         generate = self.rollout.generate.options(route_key=route_key)
@@ -86,6 +90,7 @@ class ToolAgentLoop:
         try:
             return await run_episode(environment, row, sample_turn, self.turns, limits)
         finally:
+            self.rollout.release_route_key(route_key)
             close = getattr(environment, "close", None)
             if callable(close):
                 result = close()

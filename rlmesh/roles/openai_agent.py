@@ -139,6 +139,7 @@ class OpenAIAgentLoop:
             for session in sessions:
                 session.closed = True
                 self.sessions.pop(session.key, None)
+                self.rollout.release_route_key(session.key)
         versions = [p.first_version for s in sessions for p in s.episode.pieces if p.first_version is not None]
         prompt_ids = self.turns.prompt_ids(environment_row["prompt"])
         fallback_version = max(versions, default=0)

@@ -171,6 +171,10 @@ def test_sticky_keeps_key_waits_when_capped_and_moves_when_dead():
     moved = router.pick(_load([0, 0, 0], available=others, live=others), "session-a")
     assert moved in others
     assert router.pick(_load([0, 0, 0], available=others, live=others), "session-a") == moved
+    # A released key is forgotten: the next call with it is routed afresh, like a new session.
+    router.release("session-a")
+    assert "session-a" not in router._owner
+    router.release("never-seen")
 
 
 def test_make_router_accepts_names_objects_and_functions():
