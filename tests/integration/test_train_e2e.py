@@ -54,6 +54,17 @@ def test_grpo_steps_update_the_policy_and_write_everything(tmp_path: Path):
     assert set(logged) == {0, 1, 2, 3}  # validation before training, then each step
     assert list((tmp_path / "tensorboard").glob("events.*"))
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # `rlmesh plot` overlays this real run folder on a verl console log of the same metric names.
+    from rlmesh.cli import main
+    from rlmesh.plotting import read_run, runs_figure
+
+    verl_log = tmp_path / "verl.log"
+    verl_log.write_text("".join(f"step:{s} - critic/score/mean:{0.1 * s} - actor/entropy:1.0\n" for s in (1, 2, 3)))
+    assert main(["plot", str(tmp_path), str(verl_log), "-o", str(tmp_path / "overlay.png")]) == 0
+    assert (tmp_path / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    titles = [a.get_title() for a in runs_figure([read_run(tmp_path), read_run(verl_log)]).axes if a.get_visible()]
+    for drawn in ("reward", "validation accuracy", "entropy", "grad norm", "rollout vs trainer", "time per step"):
+        assert any(title.startswith(drawn) for title in titles), (drawn, titles)
     checkpoint = tmp_path / "checkpoints" / "step_000003"
     from transformers import AutoModelForCausalLM
 

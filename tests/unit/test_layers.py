@@ -20,14 +20,15 @@ LAYERS: list[set[str]] = [
     {"reward", "envs"},  # pure python: scoring; environments, tools and multi-turn token buffers
     {"algo"},
     {"config", "checkpoint", "metrics", "tracking", "models"},
-    {"batch_stages"},  # whole-batch pure functions the loop runs in the store worker
+    {"batch_stages", "plotting"},  # whole-batch functions the loop runs in the store worker; `rlmesh plot`
     {"sync"},
     {"engine"},
     {"roles"},
     {"plan"},  # the role table: reads the role classes
     {"recovery", "config_checks"},
     {"loop"},
-    {"train", "cli"},
+    {"train"},
+    {"cli"},  # `rlmesh train|plot`: dispatches to train and plotting
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
