@@ -66,10 +66,7 @@ class ToolAgentLoop:
         sampling = sampling or SamplingConfig()
         environment_row = episode_row(row)
         episodes = await asyncio.gather(*(self.play(environment_row, sampling, seed, j) for j in range(n)))
-        versions = [p.first_version for e in episodes for p in e.pieces if p.first_version is not None]
-        prompt_ids = self.turns.prompt_ids(environment_row["prompt"])
-        fallback_version = max(versions, default=0)
-        return [sample for episode in episodes for sample in episode_samples(episode, prompt_ids, fallback_version)]
+        return group_samples(episodes, self.turns.prompt_ids(environment_row["prompt"]))
 
     async def play(self, row: dict[str, Any], sampling: SamplingConfig, seed: int | None, j: int) -> Episode:
         try:
@@ -96,6 +93,13 @@ class ToolAgentLoop:
                 result = close()
                 if inspect.isawaitable(result):
                     await result
+
+
+def group_samples(episodes: list[Episode], prompt_ids: list[int]) -> list[Sample]:
+    """A group's samples, episode by episode (episode_samples); an empty one takes the group's newest version."""
+    versions = [p.first_version for e in episodes for p in e.pieces if p.first_version is not None]
+    fallback_version = max(versions, default=0)
+    return [sample for episode in episodes for sample in episode_samples(episode, prompt_ids, fallback_version)]
 
 
 def episode_samples(episode: Episode, prompt_ids: list[int], fallback_version: int) -> list[Sample]:

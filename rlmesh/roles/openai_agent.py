@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from rlmesh.config import AgentConfig, SamplingConfig
 from rlmesh.envs import ChatTurns, Episode, HistoryRewritten, TokenTrajectory
 from rlmesh.mesh import ActorMesh, endpoint
-from rlmesh.roles.agent_loop import environment_factory, episode_row, episode_samples
+from rlmesh.roles.agent_loop import environment_factory, episode_row, group_samples
 from rlmesh.roles.rollout.base import Sample, sampling_seed
 
 SESSION_HEADER = "X-Session-Id"
@@ -114,7 +114,7 @@ class OpenAIAgentLoop:
         self.sessions: dict[str, Session] = {}
         self.threads = ThreadPoolExecutor(max_workers=64, thread_name_prefix="rlmesh-agent")  # sync agents
         self.base_url: str | None = None
-        self.server: Any = None
+        self.runner: Any = None  # the aiohttp server, kept while the actor lives
 
     @endpoint
     async def endpoint_url(self) -> str:
@@ -140,12 +140,9 @@ class OpenAIAgentLoop:
                 session.closed = True
                 self.sessions.pop(session.key, None)
                 self.rollout.release_route_key(session.key)
-        versions = [p.first_version for s in sessions for p in s.episode.pieces if p.first_version is not None]
-        prompt_ids = self.turns.prompt_ids(environment_row["prompt"])
-        fallback_version = max(versions, default=0)
-        return [
-            sample for session in sessions for sample in episode_samples(session.episode, prompt_ids, fallback_version)
-        ]
+        return group_samples(
+            [session.episode for session in sessions], self.turns.prompt_ids(environment_row["prompt"])
+        )
 
     async def play(self, session: Session, base_url: str, row: dict[str, Any]) -> None:
         """One agent run; whatever it raises, or a run past the time limit, ends the episode (its tokens kept)."""
@@ -184,7 +181,7 @@ class OpenAIAgentLoop:
         site = web.TCPSite(runner, "127.0.0.1", 0)  # the agents run in this process: loopback only
         await site.start()
         port = runner.addresses[0][1]
-        self.server = runner
+        self.runner = runner
         self.base_url = f"http://127.0.0.1:{port}/v1"
         return self.base_url
 

@@ -68,12 +68,13 @@ def engine() -> Any:
     mesh.shutdown()
 
 
-def agent_mesh(engine: Any, environment: str, **settings: Any) -> Any:
-    from rlmesh.roles.agent_loop import ToolAgentLoop
+def agent_mesh(engine: Any, environment: str, loop: str = "agent_loop.ToolAgentLoop", **settings: Any) -> Any:
+    """One agent-loop actor of class rlmesh.roles.<loop>, given the engine mesh, playing `environment`."""
+    from hydra.utils import get_class
 
     config = AgentConfig(environment={"_target_": environment}, **{"max_turns": 3, "max_total_tokens": 64, **settings})
     return ActorMesh(
-        ToolAgentLoop,
+        get_class(f"rlmesh.roles.{loop}"),
         1,
         args=(config, engine),
         kwargs={"tokenizer_path": str(MODEL)},
@@ -181,18 +182,7 @@ def test_raising_and_hanging_tools_and_environments_cost_their_episode_and_every
 
 
 def openai_agent_mesh(engine: Any, agent: str) -> Any:
-    from rlmesh.roles.openai_agent import OpenAIAgentLoop
-
-    config = AgentConfig(environment={"_target_": agent}, max_turns=3, max_total_tokens=64)
-    return ActorMesh(
-        OpenAIAgentLoop,
-        1,
-        args=(config, engine),
-        kwargs={"tokenizer_path": str(MODEL)},
-        resources={"CPU": 0.25},
-        name="openai-agent",
-        distributed_env=False,
-    )
+    return agent_mesh(engine, agent, loop="openai_agent.OpenAIAgentLoop")
 
 
 def test_an_openai_client_agents_requests_are_recorded_token_exact_with_the_engines_ids_and_logprobs(engine, tmp_path):
