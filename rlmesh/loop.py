@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -14,11 +13,8 @@ import torch
 
 from rlmesh.algo import estimator_needs, make_kl_controller
 from rlmesh.batch_stages import (
-    Layout,
     UpdateSettings,
-    assemble_generations,
     prepare_update,
-    reward_summary,
 )
 from rlmesh.checkpoint import (
     CheckpointManager,
@@ -31,7 +27,7 @@ from rlmesh.checkpoint import (
 )
 from rlmesh.config import RlmeshConfig, SamplingConfig
 from rlmesh.data import Batch, PromptLoader, PromptRow
-from rlmesh.mesh import ActorDiedError, Stored, StoredRows, run_stored, wait_all
+from rlmesh.mesh import ActorDiedError, StoredRows, run_stored, wait_all
 from rlmesh.metrics import idle_ratio, throughput_metrics, validation_metrics
 from rlmesh.recovery import RoleCall, RunFailed, RunInterrupted, SkippedUpdates, StopRequest
 from rlmesh.roles.contracts import (
@@ -44,7 +40,7 @@ from rlmesh.roles.contracts import (
     SleepingRolloutMesh,
     ValueMesh,
 )
-from rlmesh.roles.rollout.base import Sample, sampling_seed
+from rlmesh.sampling import IssuedRollout, Sampler, stateless_call
 from rlmesh.sync.transports import WeightSyncError
 from rlmesh.tracking import ProgressBar, Tracker, timed
 
@@ -72,33 +68,9 @@ class Roles:
     agent: AgentLoopMesh | None = None  # multi-turn: its actors play the episodes, calling the rollout mesh
 
 
-@dataclass
-class IssuedRollout:
-    """One step's generation requests, one routed call per prompt (n samples each), issued ahead of the step that
-    trains them, or that step's batch once assembled (or restored from a checkpoint). A step whose prompts did not
-    all fit the async buffer has its first len(groups) prompts issued and the rest pending."""
+class RLLoop(Sampler):
+    """The training run: PPO/GRPO steps on the roles' meshes, with validation, checkpoints and metrics."""
 
-    step: int
-    prompts: list[PromptRow]
-    n: int
-    sampling: SamplingConfig
-    groups: list[Any]  # the calls' futures, each resolving to a Stored[list[Sample], None]
-    batch: StoredRows[Batch] | None = None
-
-    @property
-    def num_groups(self) -> int:
-        """Groups issued: in flight, or finished and waiting."""
-        if self.batch is None:
-            return len(self.groups)
-        return len(self.prompts) if self.prompts else len(self.batch) // self.n
-
-    @property
-    def pending(self) -> int:
-        """Prompts drawn for the step and not yet issued."""
-        return 0 if self.batch is not None else len(self.prompts) - len(self.groups)
-
-
-class RLLoop:
     def __init__(
         self,
         cfg: RlmeshConfig,
@@ -111,8 +83,9 @@ class RLLoop:
         stop: StopRequest | None = None,
         startup_metrics: dict[str, float] | None = None,
     ) -> None:
-        self.cfg, self.roles, self.train_prompts, self.val_prompts = cfg, roles, train_prompts, val_prompts
-        self.pad_token_id, self.run_dir, self.tracker = pad_token_id, run_dir, tracker
+        super().__init__(cfg, roles.rollout, roles.reward, roles.agent, pad_token_id)
+        self.roles, self.train_prompts, self.val_prompts = roles, train_prompts, val_prompts
+        self.run_dir, self.tracker = run_dir, tracker
         self.stop = stop or StopRequest()
         self.startup_metrics = startup_metrics or {}
         self.skipped_updates = SkippedUpdates(cfg.trainer.max_consecutive_skipped_steps)
@@ -292,60 +265,6 @@ class RLLoop:
             batch = batch.with_columns(StoredRows.put(baselines))  # one float per row: the controller's own
         return batch
 
-    def generate(
-        self, prompts: list[PromptRow], n: int, sampling: SamplingConfig, step: int, fixed_widths: bool = False
-    ) -> StoredRows[Batch]:
-        """One routed request per prompt; the engines batch them continuously. Token ids in, token ids out: the
-        samples stay in the object store, and the store worker lays them out as one batch. Tensors are as wide as
-        the longest prompt and response, or with `fixed_widths` as wide as the longest allowed
-        (data.max_prompt_length, sampling.max_tokens)."""
-        return self.assemble(self.issue(prompts, n, sampling, step), fixed_widths)
-
-    def issue(self, prompts: list[PromptRow], n: int, sampling: SamplingConfig, step: int) -> IssuedRollout:
-        """Send `step`'s requests; returns at once."""
-        issued = IssuedRollout(step, prompts, n, sampling, [])
-        self.top_up(issued, len(prompts))
-        return issued
-
-    def top_up(self, issued: IssuedRollout, count: int) -> None:
-        """Send the next `count` pending prompts' requests, each with its own seed (from the run's seed, the step and
-        the prompt: the same samples whenever they are issued)."""
-        sampling, start = issued.sampling, len(issued.groups)
-        base = sampling.seed if sampling.seed is not None else self.cfg.trainer.seed
-        generate = self.roles.rollout.generate.in_store()
-        episodes = self.roles.agent.run_group.in_store() if self.roles.agent else None
-        for prompt in issued.prompts[start : start + count]:
-            seed = sampling_seed(base, issued.step, prompt["index"])
-            if episodes is not None:  # n multi-turn episodes, played by an agent loop
-                issued.groups.append(episodes.choose(prompt, issued.n, sampling, seed))
-            else:
-                issued.groups.append(generate.choose(prompt["prompt_ids"], issued.n, sampling, seed))
-
-    def assemble(self, issued: IssuedRollout, fixed_widths: bool = False) -> StoredRows[Batch]:
-        """Wait for the issued requests and lay their samples out as one batch (in the store), once; prompts still
-        pending are issued first (a checkpoint finishes every step drawn ahead)."""
-        if issued.batch is not None:
-            return issued.batch
-        self.top_up(issued, issued.pending)
-        prompts, step, sampling = issued.prompts, issued.step, issued.sampling
-        groups: list[Stored[list[Sample], None]] = wait_all(issued.groups)
-        per_prompt = {
-            "data_source": [p["data_source"] for p in prompts],
-            "ground_truth": [p["ground_truth"] for p in prompts],
-            "extra_info": [p["extra_info"] for p in prompts],
-            "uid": [f"{step}/{p['index']}" for p in prompts],
-        }
-        layout = Layout(
-            pad_token_id=self.pad_token_id,
-            prompt_length=self.cfg.data.max_prompt_length if fixed_widths else None,
-            response_length=sampling.max_tokens if fixed_widths else None,
-            temperature=sampling.temperature or 1.0,
-        )
-        samples = StoredRows.concat([group.rows for group in groups])
-        sizes = [len(group.rows) for group in groups]  # n each, or more where an episode split into samples
-        issued.batch = run_stored(assemble_generations, samples, per_prompt, sizes, layout).result().rows
-        return issued.batch
-
     def compute_advantages(self, batch: StoredRows[Batch], step: int) -> tuple[StoredRows[Batch], dict[str, float]]:
         """Advantages, KL-penalised rewards and the batch's metrics, computed by the store worker on the whole batch;
         the KL controller (the controller's state) takes the penalty's KL."""
@@ -386,11 +305,6 @@ class RLLoop:
             raise
         self.sleeping.wake_up.all(["kv_cache"]).result()
         return metrics
-
-    def score(self, batch: StoredRows[Batch]) -> RoleCall:
-        """The reward role's fields stay in the store; its per-sample scores come back (reward_summary)."""
-        reward = self.roles.reward
-        return stateless_call("reward", reward, lambda: reward.score.in_store(reward_summary).shard(batch))
 
     def reference_logprobs(self, batch: StoredRows[Batch]) -> RoleCall:
         reference = self.roles.reference
@@ -565,11 +479,6 @@ def ahead_state(step: int, n: int, rows: StoredRows[Batch]) -> dict[str, Any]:
 def restore_ahead(state: dict[str, Any]) -> IssuedRollout:
     batch = Batch(state["tensors"], state["non_tensors"], state["meta"])
     return IssuedRollout(int(state["step"]), [], int(state["n"]), SamplingConfig(), [], StoredRows.put(batch))
-
-
-def stateless_call(role: str, mesh: Any, issue: Callable[[], Any]) -> RoleCall:
-    """A call to a role whose actors hold no training state: issued now, and repeated if its actors die."""
-    return RoleCall(role, mesh, issue(), issue)
 
 
 def varied_groups(sequence_scores: torch.Tensor, n: int) -> torch.Tensor:

@@ -208,10 +208,37 @@ def start_ray(cfg: RlmeshConfig, plan: RunPlan) -> bool:
 
 
 def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, release: contextlib.ExitStack) -> Roles:
-    """One mesh per row of the plan's role table, started wave by wave (a wave's meshes concurrently), each
-    registered with `release` for shutdown."""
-    cluster_timeout = cfg.cluster.placement_timeout_s
+    """One mesh per row of the plan's role table, each registered with `release` for shutdown, and the weight sync
+    from the trainer to the engines."""
     restart_hooks: list[Any] = []
+    built = start_meshes(cfg, plan, total_steps, release, restart_hooks)
+    weight_sync = make_weight_sync(cfg, plan.weight_sync, built["trainer"], built["rollout"])
+    restart_hooks.append(weight_sync.on_rollout_restart)
+    # The plan checked every class against its role's contract, so each mesh is typed by it.
+    return Roles(
+        trainer=cast("PolicyMesh", built["trainer"]),
+        rollout=cast("RolloutMesh", built["rollout"]),
+        reward=cast("ScorerMesh", built["reward"]),
+        reference=cast("ReferenceMesh", built["reference"]) if "reference" in built else None,
+        critic=cast("ValueMesh", built["critic"]) if "critic" in built else None,
+        weight_sync=weight_sync,
+        agent=cast("AgentLoopMesh", built["agent"]) if "agent" in built else None,
+    )
+
+
+def start_meshes(
+    cfg: RlmeshConfig,
+    plan: RunPlan,
+    total_steps: int,
+    release: contextlib.ExitStack,
+    restart_hooks: list[Any],
+    only: set[str] | None = None,
+) -> dict[str, ActorMesh[Any]]:
+    """The meshes of the plan's roles (those named in `only`, else all), started wave by wave (a wave's meshes
+    concurrently), each registered with `release` for shutdown. `restart_hooks` run when rollout engines are
+    replaced."""
+    specs = [spec for spec in plan.roles if only is None or spec.name in only]
+    cluster_timeout = cfg.cluster.placement_timeout_s
 
     def on_rollout_restart(mesh: ActorMesh[Any], positions: list[int]) -> None:
         for hook in restart_hooks:  # the weight sync, once built, brings new engines up to date first
@@ -220,7 +247,7 @@ def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, release: con
     # Reserve every role's bundles one role after another, largest GPU share first: made concurrently, small
     # fractional bundles (a reference's 0.1 GPU) could land where a larger one (a critic's 0.2) was still to go.
     placements: dict[str, Placement] = {}
-    for spec in sorted(plan.roles, key=lambda s: -float((s.bundle or s.resources).get("GPU", 0.0))):
+    for spec in sorted(specs, key=lambda s: -float((s.bundle or s.resources).get("GPU", 0.0))):
         if spec.colocate_with is None:
             try:
                 placements[spec.name] = Placement.create(
@@ -251,9 +278,9 @@ def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, release: con
         )
 
     built: dict[str, ActorMesh[Any]] = {}
-    with ThreadPoolExecutor(len(plan.roles)) as pool:
-        for wave in sorted({spec.wave for spec in plan.roles}):
-            futures = {spec.name: pool.submit(start, spec) for spec in plan.roles if spec.wave == wave}
+    with ThreadPoolExecutor(len(specs)) as pool:
+        for wave in sorted({spec.wave for spec in specs}):
+            futures = {spec.name: pool.submit(start, spec) for spec in specs if spec.wave == wave}
             errors = []
             for name, future in futures.items():
                 try:
@@ -263,19 +290,7 @@ def build_roles(cfg: RlmeshConfig, plan: RunPlan, total_steps: int, release: con
                     errors.append(f"{name}: {err}")
             if errors:
                 raise RuntimeError("role meshes failed to start:\n" + "\n".join(errors))
-
-    weight_sync = make_weight_sync(cfg, plan.weight_sync, built["trainer"], built["rollout"])
-    restart_hooks.append(weight_sync.on_rollout_restart)
-    # The plan checked every class against its role's contract, so each mesh is typed by it.
-    return Roles(
-        trainer=cast("PolicyMesh", built["trainer"]),
-        rollout=cast("RolloutMesh", built["rollout"]),
-        reward=cast("ScorerMesh", built["reward"]),
-        reference=cast("ReferenceMesh", built["reference"]) if "reference" in built else None,
-        critic=cast("ValueMesh", built["critic"]) if "critic" in built else None,
-        weight_sync=weight_sync,
-        agent=cast("AgentLoopMesh", built["agent"]) if "agent" in built else None,
-    )
+    return built
 
 
 def make_weight_sync(cfg: RlmeshConfig, transport: str, trainer: ActorMesh[Any], rollout: ActorMesh[Any]) -> Any:

@@ -81,6 +81,7 @@ def count_controller_bytes() -> Iterator[dict[str, list[int]]]:
         return result
 
     import rlmesh.loop
+    import rlmesh.sampling
 
     run_stored = rlmesh.loop.run_stored
 
@@ -92,6 +93,7 @@ def count_controller_bytes() -> Iterator[dict[str, list[int]]]:
         return future
 
     rlmesh.loop.run_stored = counting_run_stored  # type: ignore[assignment]
+    rlmesh.sampling.run_stored = counting_run_stored  # type: ignore[assignment]
     for name in originals:
         setattr(ActorMesh, name, counting(name))
     ActorMesh._call_routed = counting_routed  # type: ignore[method-assign]
@@ -104,6 +106,7 @@ def count_controller_bytes() -> Iterator[dict[str, list[int]]]:
             setattr(ActorMesh, name, fn)
         ActorMesh._call_routed = routed  # type: ignore[method-assign]
         rlmesh.loop.run_stored = run_stored  # type: ignore[assignment]
+        rlmesh.sampling.run_stored = run_stored  # type: ignore[assignment]
         for cls, fn in results.items():
             cls.result = fn  # type: ignore[method-assign]
 

@@ -26,9 +26,11 @@ LAYERS: list[set[str]] = [
     {"roles"},
     {"plan"},  # the role table: reads the role classes
     {"recovery", "config_checks"},
+    {"sampling"},  # generation requests and their scores: what the loop trains on and `rlmesh eval` measures
     {"loop"},
-    {"train"},
-    {"cli"},  # `rlmesh train|plot`: dispatches to train and plotting
+    {"train", "export"},  # `rlmesh export`: a checkpoint as a clean Hugging Face folder
+    {"eval"},  # `rlmesh eval`: starts the rollout and reward meshes as train does
+    {"cli"},  # `rlmesh train|eval|plot|export`: dispatches to the commands
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
