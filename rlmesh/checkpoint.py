@@ -362,3 +362,27 @@ def restore_rng(rng: dict[str, Any]) -> None:
             )
         for device, state in enumerate(cuda_states[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(state, device)
+
+
+POLICY_FOLDER = "policy"  # the trainer's weights inside a checkpoint (PolicyTrainer.weights_folder)
+
+
+def policy_folder(path: str | Path) -> Path:
+    """The Hugging Face policy folder that `path` names: an HF model folder itself, a checkpoint (step_N, its
+    `policy/` inside), a checkpoints folder or a run folder (its latest committed checkpoint). Raises
+    FileNotFoundError saying what was looked for."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if (path / POLICY_FOLDER / "config.json").is_file():
+        if not is_complete(path):
+            raise FileNotFoundError(f"{path} is a checkpoint that was never committed (no {COMPLETE_MARKER} marker)")
+        return path / POLICY_FOLDER
+    for root in (path, path / "checkpoints"):
+        latest = CheckpointManager(root, keep_last=1).latest()
+        if latest is not None:
+            return latest / POLICY_FOLDER
+    raise FileNotFoundError(
+        f"{path}: neither a Hugging Face model folder (config.json), a checkpoint (step_N/{POLICY_FOLDER}), nor a run "
+        "or checkpoints folder holding a committed checkpoint"
+    )

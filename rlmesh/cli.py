@@ -1,4 +1,5 @@
-"""The `rlmesh` command: `rlmesh train [overrides]` (python -m rlmesh.train) and `rlmesh plot RUN [RUN ...]`."""
+"""The `rlmesh` command: `rlmesh train|eval [overrides]` (python -m rlmesh.train|eval), `rlmesh plot RUN [RUN ...]`
+and `rlmesh export CHECKPOINT OUT`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from collections.abc import Sequence
 
 USAGE = """usage:
   rlmesh train [hydra overrides ...]   train, as python -m rlmesh.train (recipe=NAME key=value, --help, --cfg job)
-  rlmesh plot RUN [RUN ...] [-o OUT]   overlay runs' curves: rlmesh run folders, metrics jsonl, verl logs"""
+  rlmesh eval [PATH] [overrides ...]   evaluate a run, checkpoint or HF model folder (eval.checkpoint=PATH), as
+                                       python -m rlmesh.eval: mean@k, pass@k, maj@k on the validation data
+  rlmesh plot RUN [RUN ...] [-o OUT]   overlay runs' curves: rlmesh run folders, metrics jsonl, verl logs
+  rlmesh export CHECKPOINT OUT         a checkpoint's policy as a clean Hugging Face folder (transformers, vLLM)"""
 
 
 def plot_command(argv: Sequence[str]) -> int:
@@ -31,20 +35,50 @@ def plot_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def export_command(argv: Sequence[str]) -> int:
+    from rlmesh.export import export_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="rlmesh export",
+        description="Write a checkpoint's policy as a Hugging Face folder: safetensors weights, config, tokenizer and "
+        "generation config, loadable by AutoModelForCausalLM and vLLM; no optimizer state.",
+    )
+    parser.add_argument("checkpoint", help="a run folder (its latest checkpoint), a checkpoint step_N, or an HF folder")
+    parser.add_argument("out", help="the folder to create (must not exist, or be empty)")
+    parser.add_argument("--dtype", help="cast the weights, e.g. bfloat16 (default: as trained)")
+    args = parser.parse_args(list(argv))
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, args.dtype)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        parser.error(str(err))
+    print(f"wrote {out}")
+    return 0
+
+
+def hydra_command(module: str, argv: list[str]) -> int:
+    """Run a Hydra entry point (rlmesh.train or rlmesh.eval) with `argv` as its command line."""
+    import importlib
+
+    if module == "eval" and argv and "=" not in argv[0] and not argv[0].startswith("-"):
+        argv = [f"eval.checkpoint={argv[0]}", *argv[1:]]  # rlmesh eval PATH [overrides]
+    entry = importlib.import_module(f"rlmesh.{module}")
+    sys.argv = [f"rlmesh {module}", *argv]  # Hydra reads the overrides from sys.argv
+    entry.main()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if args else 2
     command, rest = args[0], args[1:]
-    if command == "train":
-        from rlmesh import train
-
-        sys.argv = ["rlmesh train", *rest]  # Hydra reads the overrides from sys.argv
-        train.main()
-        return 0
+    if command in ("train", "eval"):
+        return hydra_command(command, rest)
     if command == "plot":
         return plot_command(rest)
+    if command == "export":
+        return export_command(rest)
     print(f"rlmesh: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 

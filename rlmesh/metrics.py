@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+import math
+from collections import Counter, defaultdict
+from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 
@@ -129,4 +130,88 @@ def validation_metrics(
     for source, pairs in by_source.items():
         out[f"val-core/{source}/reward/mean@{n}"] = sum(p[0] for p in pairs) / len(pairs)
         out[f"val-core/{source}/acc/mean@{n}"] = sum(p[1] for p in pairs) / len(pairs)
+    return out
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """The unbiased pass@k estimate from n samples of which `correct` are correct (Chen et al. 2021): the chance
+    that at least one of k samples drawn without replacement is correct, 1 - C(n - c, k) / C(n, k)."""
+    if not 0 < k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n = {n} samples per prompt")
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+
+
+def majority_correct(predictions: Sequence[Hashable | None], correct: Sequence[bool]) -> float:
+    """maj@k of one prompt's k samples: 1.0 if the answer most samples predicted (the first of a tie; samples with no
+    prediction do not vote) is a correct one, else 0.0."""
+    votes = Counter(p for p in predictions if p is not None)
+    if not votes:
+        return 0.0
+    top = max(votes.values())
+    winner = next(p for p in predictions if p is not None and votes[p] == top)
+    return float(any(ok for p, ok in zip(predictions, correct, strict=True) if p == winner))
+
+
+def bootstrap_interval(
+    values: Sequence[float], resamples: int, confidence: float, seed: int = 0
+) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of `values` (one per prompt), over `resamples` draws of the
+    prompts with replacement."""
+    data = torch.tensor(list(values), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(len(data), (resamples, len(data)), generator=generator)
+    means = data[draws].mean(dim=1)
+    tail = (1.0 - confidence) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return float(low), float(high)
+
+
+def sample_counts(n: int) -> list[int]:
+    """The k of pass@k and maj@k reported for n samples per prompt: 1, 2, 4, ... up to n, and n."""
+    ks = [2**i for i in range(n.bit_length()) if 2**i <= n]
+    return ks if ks[-1] == n else [*ks, n]
+
+
+def evaluation_metrics(
+    data_sources: Sequence[str],
+    scores: Sequence[float],
+    accs: Sequence[float | None] | None,
+    predictions: Sequence[Hashable | None] | None,
+    n: int,
+    *,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """`rlmesh eval`'s metrics per data source, under verl's val-core/<source>/<var>/<metric> names: acc/mean@n and
+    reward/mean@n (as in-loop validation reports them), acc/pass@k (unbiased) and, where the scorer returns a
+    prediction (`pred`), acc/maj@k, each k of sample_counts(n), and each with a bootstrap interval over prompts
+    (<name>/ci_low, <name>/ci_high) unless resamples is 0. Samples come n per prompt, prompt after prompt. A sample
+    is correct (for pass@k and maj@k) when its acc, else its score, exceeds 0.5."""
+    if len(scores) % n:
+        raise ValueError(f"{len(scores)} samples are not {n} per prompt")
+    per_prompt: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    ks = sample_counts(n)
+    for start in range(0, len(scores), n):
+        group = range(start, start + n)
+        source = data_sources[start]
+        reported = [accs[i] if accs is not None else None for i in group]
+        values = [float(scores[i] if acc is None else acc) for i, acc in zip(group, reported, strict=True)]
+        correct = [value > 0.5 for value in values]
+        found = per_prompt[source]
+        found[f"acc/mean@{n}"].append(sum(values) / n)
+        found[f"reward/mean@{n}"].append(sum(float(scores[i]) for i in group) / n)
+        for k in ks:
+            found[f"acc/pass@{k}"].append(pass_at_k(n, sum(correct), k))
+            if predictions is not None and any(predictions[i] is not None for i in group):
+                found[f"acc/maj@{k}"].append(majority_correct([predictions[i] for i in group][:k], correct[:k]))
+    out: dict[str, float] = {}
+    for source, metrics in per_prompt.items():
+        for name, values in metrics.items():
+            key = f"val-core/{source}/{name}"
+            out[key] = sum(values) / len(values)
+            if resamples > 0:
+                out[f"{key}/ci_low"], out[f"{key}/ci_high"] = bootstrap_interval(values, resamples, confidence, seed)
     return out
