@@ -4,8 +4,8 @@
     python scripts/bench_sync.py --gpu           # also nccl (2+ GPUs) and cuda_ipc (1 GPU), 0.5B and 7B bf16 shapes
     python scripts/bench_sync.py --no-engine     # skip the real vLLM engine (tiny model) load measurement
 
-Prints median seconds, GB/s and the two ratios the issue targets: sync / raw (at most 1.3) and 1,000 small tensors /
-one big tensor of the same bytes (at most 1.5).
+Prints median seconds (and their min-max over the repeats), GB/s and the two ratios the issue targets: sync / raw (at
+most 1.3) and 1,000 small tensors / one big tensor of the same bytes (at most 1.5, with each repeat's ratio's range).
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def _raw_ipc(group: Any, flat: torch.Tensor) -> None:
 
 def run_transfer(
     label: str, transport: str, device: str, specs: list[TensorSpec], bucket_mb: float, repeats: int
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[float]]:
     pg_backend = "nccl" if transport == "nccl" else "gloo"
     resources: dict[str, float] = {"CPU": 0.5}
     if device == "cuda":
@@ -233,7 +233,8 @@ def run_transfer(
         "raw_GB/s": plan.total_bytes / raw_s / 1e9,
         "sync/raw": sync_s / raw_s,
         "sync+copy_out_s": statistics.median(load_times),
-    }
+        "sync_spread_s": f"{min(sync_times):.3f}-{max(sync_times):.3f}",
+    }, sync_times
 
 
 def run_engine(repeats: int) -> dict[str, Any]:
@@ -272,6 +273,12 @@ def run_engine(repeats: int) -> dict[str, Any]:
         "engine_load_s": statistics.median(r["weight_sync/load_s_max"] for r in runs),
         "MB": runs[0]["weight_sync/bytes"] / 1e6,
     }
+
+
+def ratio_spread(numerators: list[float], denominators: list[float]) -> str:
+    """min-max of each repeat's ratio (the small run over the big run of the same index)."""
+    ratios = [a / b for a, b in zip(numerators, denominators, strict=True)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -324,11 +331,11 @@ def main() -> None:
             count_cases.append((transport, "cuda"))
     rows = []
     for label, transport, device, specs in cases:
-        rows.append(run_transfer(label, transport, device, specs, args.bucket_mb, args.repeats))
+        rows.append(run_transfer(label, transport, device, specs, args.bucket_mb, args.repeats)[0])
         print_table(rows[-1:])
     counts = []
     for transport, device in count_cases:
-        many = run_transfer(
+        many, many_times = run_transfer(
             "1000 small",
             transport,
             device,
@@ -336,7 +343,7 @@ def main() -> None:
             args.bucket_mb,
             args.repeats,
         )
-        one = run_transfer(
+        one, one_times = run_transfer(
             "1 big", transport, device, equal_split_specs(split_bytes, 1, "float32"), args.bucket_mb, args.repeats
         )
         counts.append(
@@ -344,8 +351,11 @@ def main() -> None:
                 "transport": transport,
                 "MB": many["MB"],
                 "1000_small_s": many["sync_s"],
+                "small_spread_s": many["sync_spread_s"],
                 "1_big_s": one["sync_s"],
+                "big_spread_s": one["sync_spread_s"],
                 "small/big": many["sync_s"] / one["sync_s"],
+                "small/big_spread": ratio_spread(many_times, one_times),
             }
         )
     print("\nsync against a raw single-buffer transfer of the same bytes (target sync/raw <= 1.3)")
