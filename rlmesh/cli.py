@@ -1,18 +1,20 @@
-"""The `rlmesh` command: `rlmesh train|eval [overrides]` (python -m rlmesh.train|eval), `rlmesh plot RUN [RUN ...]`
-and `rlmesh export CHECKPOINT OUT`."""
+"""The `rlmesh` command: `rlmesh train|eval [overrides]` (python -m rlmesh.train|eval), `rlmesh plot RUN [RUN ...]`,
+`rlmesh export CHECKPOINT OUT` and `rlmesh from-verl COMMAND`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 USAGE = """usage:
   rlmesh train [hydra overrides ...]   train, as python -m rlmesh.train (recipe=NAME key=value, --help, --cfg job)
   rlmesh eval [PATH] [overrides ...]   evaluate a run, checkpoint or HF model folder (eval.checkpoint=PATH), as
                                        python -m rlmesh.eval: mean@k, pass@k, maj@k on the validation data
   rlmesh plot RUN [RUN ...] [-o OUT]   overlay runs' curves: rlmesh run folders, metrics jsonl, verl logs
-  rlmesh export CHECKPOINT OUT         a checkpoint's policy as a clean Hugging Face folder (transformers, vLLM)"""
+  rlmesh export CHECKPOINT OUT         a checkpoint's policy as a clean Hugging Face folder (transformers, vLLM)
+  rlmesh from-verl [COMMAND | -f FILE] a verl command line translated into an rlmesh one, unmapped keys reported"""
 
 
 def plot_command(argv: Sequence[str]) -> int:
@@ -55,6 +57,40 @@ def export_command(argv: Sequence[str]) -> int:
     return 0
 
 
+def from_verl_command(argv: Sequence[str]) -> int:
+    from rlmesh.from_verl import key_table, translate
+
+    parser = argparse.ArgumentParser(
+        prog="rlmesh from-verl",
+        description="Translate a verl command line (python3 -m verl.trainer.main_ppo key=value ...) or a "
+        "ppo_trainer.yaml override list into an rlmesh command. Prints the command on stdout, and on stderr each "
+        "verl key it cannot map and why.",
+    )
+    parser.add_argument("words", nargs="*", help="the verl command, quoted as one string or as its words")
+    parser.add_argument("-f", "--file", help="read the command from a shell script (line continuations are fine)")
+    parser.add_argument("--table", action="store_true", help="print the verl-to-rlmesh key table (markdown)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when any key cannot be mapped")
+    args = parser.parse_args(list(argv))
+    if args.table:
+        print(key_table())
+        return 0
+    if args.file:
+        command: str | list[str] = Path(args.file).read_text()
+    elif len(args.words) == 1:
+        command = args.words[0]
+    elif args.words:
+        command = list(args.words)
+    else:
+        parser.error("give a verl command (its words or one quoted string) or -f FILE")
+    result = translate(command)
+    print(result.command())
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for key, why in result.unmapped:
+        print(f"not mapped: {key}: {why}", file=sys.stderr)
+    return 1 if args.strict and result.unmapped else 0
+
+
 def hydra_command(module: str, argv: list[str]) -> int:
     """Run a Hydra entry point (rlmesh.train or rlmesh.eval) with `argv` as its command line."""
     import importlib
@@ -79,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return plot_command(rest)
     if command == "export":
         return export_command(rest)
+    if command == "from-verl":
+        return from_verl_command(rest)
     print(f"rlmesh: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2
 

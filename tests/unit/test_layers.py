@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"reward", "envs"},  # pure python: scoring; environments, tools and multi-turn token buffers
     {"algo"},
     {"config", "checkpoint", "metrics", "tracking", "models"},
-    {"batch_stages", "plotting"},  # whole-batch functions the loop runs in the store worker; `rlmesh plot`
+    {"batch_stages", "plotting", "from_verl"},  # the loop's whole-batch functions; `rlmesh plot`, `rlmesh from-verl`
     {"sync"},
     {"engine"},
     {"roles"},
