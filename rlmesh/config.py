@@ -336,6 +336,12 @@ class TrainerConfig:
     # Stop after this many steps in a row whose every update was skipped for a non-finite loss or gradient; 0 = never.
     max_consecutive_skipped_steps: int = 3
     plot: bool = True  # a PNG of reward and validation accuracy per step at the end
+    # A folder: each step's samples (tokens, rollout and trainer log-probs, rewards, advantages, weight versions) as
+    # step_N.pt, and step_N.html to read them (decoded text, mask, reward, rollout-vs-trainer log-prob gap).
+    dump_rollouts: str | None = None
+    # A dump_rollouts folder: train on its samples instead of generating (no engines; each request is answered by
+    # the dumped samples of its seed), so a step can be replayed and debugged. Validation is skipped.
+    replay_rollouts: str | None = None
 
 
 @dataclass

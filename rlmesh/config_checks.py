@@ -147,6 +147,7 @@ def check_config(cfg: RlmeshConfig, gpus_available: int | None = None) -> RunPla
     # --- role settings that would otherwise fail inside an actor, after every mesh has started
     _check_role_settings(bad, cfg, use_critic)
     _check_agent(bad, cfg)
+    _check_dump_and_replay(bad, cfg)
 
     # --- where things come from
     check_model_path(bad, "model.path", cfg.model.path)
@@ -327,6 +328,31 @@ def _check_trainer_mode(bad: Report, cfg: RlmeshConfig) -> None:
             f"its greedy baseline is generated and scored with the step's samples, which trainer.mode={mode} does "
             "not do",
             "set trainer.mode=sync, or pick an estimator without a greedy baseline (grpo, rloo, ...)",
+        )
+
+
+def _check_dump_and_replay(bad: Report, cfg: RlmeshConfig) -> None:
+    """trainer.replay_rollouts names a dump with step files, not the folder this run dumps into; agents' episodes
+    are not replayed."""
+    replay, dump = cfg.trainer.replay_rollouts, cfg.trainer.dump_rollouts
+    if not replay:
+        return
+    folder = Path(replay)
+    if not folder.is_dir() or not any(folder.glob("step_*.pt")):
+        bad(
+            "trainer.replay_rollouts",
+            replay,
+            "not a folder of dumped steps (step_N.pt)",
+            "point it at the trainer.dump_rollouts folder of the run to replay",
+        )
+    if dump and Path(dump).resolve() == folder.resolve():
+        bad("trainer.dump_rollouts", dump, "is the folder being replayed", "dump the replay elsewhere, or not at all")
+    if cfg.roles.agent.environment:
+        bad(
+            "trainer.replay_rollouts",
+            replay,
+            "multi-turn episodes (roles.agent) cannot be replayed: their samples come from the agent loops",
+            "replay single-turn runs, or unset roles.agent.environment",
         )
 
 

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -40,6 +41,8 @@ from rlmesh.roles.contracts import (
     SleepingRolloutMesh,
     ValueMesh,
 )
+from rlmesh.roles.rollout.base import sampling_seed
+from rlmesh.rollout_dump import dump_step
 from rlmesh.sampling import IssuedRollout, Sampler, stateless_call
 from rlmesh.sync.transports import WeightSyncError
 from rlmesh.tracking import ProgressBar, Tracker, timed
@@ -146,6 +149,9 @@ class RLLoop(Sampler):
         # 3. advantages and the batch's metrics, next to the data
         with timed(metrics, "adv"):
             batch, batch_metrics = self.compute_advantages(batch, step)
+        if cfg.trainer.dump_rollouts:
+            with timed(metrics, "dump_rollouts"):
+                self.dump(step, batch, metrics)
         # 4. critic and policy updates, issued together
         issued = time.perf_counter()
         critic_update = RoleCall("critic", roles.critic, roles.critic.update.shard(batch)) if roles.critic else None
@@ -325,6 +331,17 @@ class RLLoop(Sampler):
             log.warning("weight sync %d failed (%s); restarted engines %s, syncing again", version, err, restarted)
             return self.roles.weight_sync.push(version=version) | recovered
 
+    def dump(self, step: int, batch: StoredRows[Batch], metrics: dict[str, float]) -> None:
+        """trainer.dump_rollouts: the step's samples with the trainer's log-probs of them before the update (the
+        recomputed old log-probs, else one more scoring pass), written by the store worker."""
+        trainer_rows = None
+        if not self.cfg.algorithm.recompute_old_logprobs:
+            scoring = self.roles.trainer.compute_logprobs.in_store().shard(batch)
+            trainer_rows = RoleCall("trainer", self.roles.trainer, scoring).result(metrics).rows
+        seed_of = partial(sampling_seed, self.seed_base(self.cfg.roles.rollout.sampling))
+        folder = self.cfg.trainer.dump_rollouts
+        run_stored(dump_step, batch, trainer_rows, folder, step, seed_of, self.cfg.model.path).result()
+
     def wait_timed(self, call: RoleCall, name: str, issued: float, metrics: dict[str, float]) -> Any:
         result = call.result(metrics)
         metrics[f"timing_s/{name}"] = time.perf_counter() - issued
@@ -334,7 +351,7 @@ class RLLoop(Sampler):
 
     def validate(self, step: int) -> dict[str, float]:
         rollout = self.cfg.roles.rollout
-        if not self.val_prompts:
+        if not self.val_prompts or self.cfg.trainer.replay_rollouts:  # a replay has no engines to validate with
             return {}
         metrics: dict[str, float] = {}
         with timed(metrics, "testing"):

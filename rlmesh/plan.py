@@ -30,6 +30,8 @@ from rlmesh.roles.contracts import (
 )
 
 TRANSPORTS = ("auto", "object_store", *COLLECTIVE_TRANSPORTS)
+NO_WEIGHTS = "none"  # the weight transport of a rollout class that takes no weights (it declares only this one)
+REPLAY_ROLLOUT = "rlmesh.roles.rollout.replay.ReplayRollout"  # the rollout of trainer.replay_rollouts
 LEARNERS = ("trainer", "critic")  # roles that train, with a learning-rate schedule over the run
 # Roles whose class needs no GPU unless it says so (needs_gpu = True): rule scorers run on CPU.
 CPU_BY_DEFAULT = ("reward", "agent")
@@ -133,14 +135,15 @@ def plan_roles(
         kwargs = dict(config=config, rollout_n=rollout.n, seed=seed)
         return _Row(name, config._target_, config.dp_size, "resources_per_device", kwargs, {}, steps)
 
+    replay = cfg.trainer.replay_rollouts
     rows = [
         learner("trainer", actor),
         _Row(
             "rollout",
-            rollout._target_,
+            REPLAY_ROLLOUT if replay else rollout._target_,  # a replayed run's samples come from the dump
             rollout.num_engines,
             "resources_per_engine",
-            dict(config=rollout, model=actor.model, seed=seed),
+            dict(config=rollout, model=actor.model, seed=seed) | ({"dump_dir": replay} if replay else {}),
             {
                 **service,
                 "max_in_flight_per_actor": rollout.max_concurrent_requests_per_engine,
@@ -251,6 +254,8 @@ def resolve_weight_transport(
     """roles.rollout.weight_sync, with `auto` resolved from what both classes can do: a collective transport when
     both can (cuda_ipc colocated on GPU, nccl across GPUs, gloo on CPU), else the object store."""
     asked = cfg.roles.rollout.weight_sync
+    if rollout is not None and rollout.weight_transports == (NO_WEIGHTS,):
+        return NO_WEIGHTS  # the rollout takes no weights (a replay of dumped samples)
     if asked not in TRANSPORTS:
         bad("roles.rollout.weight_sync", asked, "unknown transport", f"use one of {TRANSPORTS}")
         return asked

@@ -73,11 +73,15 @@ class Sampler:
         self.top_up(issued, len(prompts))
         return issued
 
+    def seed_base(self, sampling: SamplingConfig) -> int:
+        """What request seeds derive from (with the step and the prompt): sampling.seed, else trainer.seed."""
+        return sampling.seed if sampling.seed is not None else self.cfg.trainer.seed
+
     def top_up(self, issued: IssuedRollout, count: int) -> None:
         """Send the next `count` pending prompts' requests, each with its own seed (from the run's seed, the step and
         the prompt: the same samples whenever they are issued)."""
         sampling, start = issued.sampling, len(issued.groups)
-        base = sampling.seed if sampling.seed is not None else self.cfg.trainer.seed
+        base = self.seed_base(sampling)
         generate = self.rollout_mesh.generate.in_store()
         episodes = self.agent_mesh.run_group.in_store() if self.agent_mesh else None
         for prompt in issued.prompts[start : start + count]:

@@ -27,7 +27,7 @@ from rlmesh.config_checks import ConfigError, check_cluster_resources, check_con
 from rlmesh.loop import RLLoop, Roles
 from rlmesh.mesh import ActorMesh, Placement, PlacementError, start_store_worker
 from rlmesh.mesh.collective import BIND_HOST_ENV
-from rlmesh.plan import RoleSpec, RunPlan
+from rlmesh.plan import NO_WEIGHTS, RoleSpec, RunPlan
 from rlmesh.recovery import RunFailed, RunInterrupted, StopRequest
 
 if TYPE_CHECKING:
@@ -295,8 +295,10 @@ def start_meshes(
 
 def make_weight_sync(cfg: RlmeshConfig, transport: str, trainer: ActorMesh[Any], rollout: ActorMesh[Any]) -> Any:
     """The weight sync over `transport` (what check_config resolved roles.rollout.weight_sync to)."""
-    from rlmesh.sync import ObjectStoreWeightSync
+    from rlmesh.sync import NoWeightSync, ObjectStoreWeightSync
 
+    if transport == NO_WEIGHTS:
+        return NoWeightSync()
     if transport == "object_store":
         return ObjectStoreWeightSync(trainer, rollout, timeout_s=cfg.roles.rollout.sync_timeout_s)
     from rlmesh.sync.collective_sync import CollectiveWeightSync

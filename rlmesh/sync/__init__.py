@@ -2,7 +2,7 @@
 
 from rlmesh.sync.collective_sync import CollectiveWeightSync
 from rlmesh.sync.manifest import SyncPlan
-from rlmesh.sync.object_store import ObjectStoreWeightSync
+from rlmesh.sync.object_store import NoWeightSync, ObjectStoreWeightSync
 from rlmesh.sync.sender import member_group, send_weights
 
-__all__ = ["CollectiveWeightSync", "ObjectStoreWeightSync", "SyncPlan", "member_group", "send_weights"]
+__all__ = ["CollectiveWeightSync", "NoWeightSync", "ObjectStoreWeightSync", "SyncPlan", "member_group", "send_weights"]

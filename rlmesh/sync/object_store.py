@@ -1,4 +1,5 @@
-"""Weight sync through Ray's object store: the trainer exports full HF-named weights once, every engine loads them.
+"""Weight sync through Ray's object store: the trainer exports full HF-named weights once, every engine loads them;
+and the sync of a rollout that takes no weights (a replay).
 
 The simple transport for the HF rollout backend and the fallback anywhere: one `ray.put` of the whole state dict
 (zero-copy tensors), read by every rollout actor. The bucketed collective transports live beside it.
@@ -42,3 +43,21 @@ class ObjectStoreWeightSync:
         exported = self.trainer.export_weights.all()
         ray.get(exported.refs[1:], timeout=self.timeout_s)
         return exported.refs[0]
+
+
+class NoWeightSync:
+    """The weight sync of a rollout that takes no weights (a replay of dumped samples): a push only counts the
+    version."""
+
+    def __init__(self) -> None:
+        self.version = 0
+
+    def setup(self) -> None:
+        """Nothing to form."""
+
+    def push(self, version: int) -> dict[str, float]:
+        self.version = version
+        return {}
+
+    def on_rollout_restart(self, rollout: ActorMesh[Any], positions: list[int]) -> None:
+        """A replaced replay actor reads the dump again: nothing to send."""

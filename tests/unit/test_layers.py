@@ -20,7 +20,12 @@ LAYERS: list[set[str]] = [
     {"reward", "envs"},  # pure python: scoring; environments, tools and multi-turn token buffers
     {"algo"},
     {"config", "checkpoint", "metrics", "tracking", "models"},
-    {"batch_stages", "plotting", "from_verl"},  # the loop's whole-batch functions; `rlmesh plot`, `rlmesh from-verl`
+    {
+        "batch_stages",
+        "plotting",
+        "from_verl",
+        "rollout_dump",
+    },  # the store worker's whole-batch functions; plot, from-verl
     {"sync"},
     {"engine"},
     {"roles"},
