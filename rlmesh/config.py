@@ -336,6 +336,9 @@ class TrainerConfig:
     # Stop after this many steps in a row whose every update was skipped for a non-finite loss or gradient; 0 = never.
     max_consecutive_skipped_steps: int = 3
     plot: bool = True  # a PNG of reward and validation accuracy per step at the end
+    # Each step's spans (the controller's phases, every role's endpoint calls, tool calls) as a Chrome / Perfetto
+    # trace: <output_dir>/traces/step_N.json (chrome://tracing or ui.perfetto.dev).
+    trace: bool = True
     # A folder: each step's samples (tokens, rollout and trainer log-probs, rewards, advantages, weight versions) as
     # step_N.pt, and step_N.html to read them (decoded text, mask, reward, rollout-vs-trainer log-prob gap).
     dump_rollouts: str | None = None

@@ -12,6 +12,7 @@ from typing import Any, Protocol, cast
 
 import torch
 
+from rlmesh import spans
 from rlmesh.algo import estimator_needs, make_kl_controller
 from rlmesh.batch_stages import (
     UpdateSettings,
@@ -45,7 +46,7 @@ from rlmesh.roles.rollout.base import sampling_seed
 from rlmesh.rollout_dump import dump_step
 from rlmesh.sampling import IssuedRollout, Sampler, stateless_call
 from rlmesh.sync.transports import WeightSyncError
-from rlmesh.tracking import ProgressBar, Tracker, timed
+from rlmesh.tracking import ProgressBar, Tracker, timed, write_trace
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,19 @@ class RLLoop(Sampler):
         metrics["trainer/idle_ratio"] = waited / max(metrics["timing_s/step"], 1e-9)  # waiting on generation
         metrics |= self.rollouter_idle()
         metrics |= throughput_metrics(batch_metrics["perf/total_num_tokens"], metrics["timing_s/step"], self.n_devices)
+        if cfg.trainer.trace:
+            self.write_trace(step)
         return metrics
+
+    def write_trace(self, step: int) -> None:
+        """The spans since the last step's trace, the controller's and every role actor's, as traces/step_N.json."""
+        roles = self.roles
+        actors = []
+        for mesh in (roles.trainer, roles.rollout, roles.reward, roles.reference, roles.critic, roles.agent):
+            drain = getattr(mesh, "drain_spans", None)
+            if drain is not None:
+                actors += drain()
+        write_trace(self.run_dir / "traces" / f"step_{step:06d}.json", step, spans.drain(), actors)
 
     def take_rollout(self, step: int, metrics: dict[str, float]) -> tuple[StoredRows[Batch], bool]:
         """This step's batch. With a lookahead, first issue what is not yet of every step up to it, on the engines'
@@ -343,8 +356,11 @@ class RLLoop(Sampler):
         run_stored(dump_step, batch, trainer_rows, folder, step, seed_of, self.cfg.model.path).result()
 
     def wait_timed(self, call: RoleCall, name: str, issued: float, metrics: dict[str, float]) -> Any:
+        """The call's result; its time from `issued` (perf_counter) is timing_s/<name>, and a span of the trace."""
         result = call.result(metrics)
-        metrics[f"timing_s/{name}"] = time.perf_counter() - issued
+        elapsed = metrics[f"timing_s/{name}"] = time.perf_counter() - issued
+        ended = time.time_ns()
+        spans.record(name, ended - int(elapsed * 1e9), ended)
         return result
 
     # ---------------------------------------------------------------- validation

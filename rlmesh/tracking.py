@@ -16,6 +16,8 @@ from typing import IO, TYPE_CHECKING, Any, Self
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from rlmesh import spans
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -413,11 +415,61 @@ class Timer:
 @contextmanager
 def timed(metrics: dict[str, float], name: str) -> Iterator[Timer]:
     """Add the block's seconds to metrics[f"timing_s/{name}"]; a name timed twice in a step accumulates (e.g. DAPO's
-    regeneration rounds), and the time is recorded even if the block raises."""
+    regeneration rounds), and the time is recorded even if the block raises. The block is a span of this process
+    too (rlmesh.spans)."""
     timer = Timer()
+    started = time.time_ns()
     try:
         with timer:
             yield timer
     finally:
         key = f"timing_s/{name}"
         metrics[key] = metrics.get(key, 0.0) + timer.elapsed
+        spans.record(name, started, time.time_ns())  # the controller's phases, for the step's trace
+
+
+def write_trace(
+    path: Path, step: int, controller: Sequence[Mapping[str, Any]], actors: Sequence[Mapping[str, Any]]
+) -> Path:
+    """One step's spans as a Chrome / Perfetto trace (chrome://tracing, ui.perfetto.dev): the controller's phases,
+    then one process per mesh with a thread per actor (its rank and coordinates), each span with its args."""
+    events: list[dict[str, Any]] = []
+    processes: dict[str, int] = {"controller": 0}
+
+    def add(pid: int, tid: int, span: Mapping[str, Any], args: Mapping[str, Any]) -> None:
+        start_us = span["start_ns"] / 1000
+        events.append(
+            {
+                "name": span["name"],
+                "ph": "X",
+                "ts": start_us,
+                "dur": max(span["end_ns"] / 1000 - start_us, 0.0),
+                "pid": pid,
+                "tid": tid,
+                "args": {**args, **span.get("args", {})},
+            }
+        )
+
+    for span in controller:
+        add(0, 0, span, {"step": step})
+    for actor in actors:
+        pid = processes.setdefault(actor["mesh"], len(processes))
+        coords = ",".join(f"{k}={v}" for k, v in actor["coords"].items())
+        events.append(
+            {
+                "name": "thread_name",
+                "ph": "M",
+                "pid": pid,
+                "tid": actor["rank"],
+                "args": {"name": f"rank {actor['rank']} ({coords})"},
+            }
+        )
+        for span in actor["spans"]:
+            add(pid, actor["rank"], span, {"step": step, "rank": actor["rank"], "coords": actor["coords"]})
+    for name, pid in processes.items():
+        events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": name}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    tmp.replace(path)
+    return path

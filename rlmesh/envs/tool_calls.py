@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from rlmesh.spans import span
+
 TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -65,13 +67,16 @@ async def run_tool(tools: Mapping[str, Callable[..., Any]], call: ToolCall, time
         inspect.signature(tool).bind(**call.arguments)
     except TypeError as err:
         return ToolOutcome(f"Error: wrong arguments for {call.name}: {err}", "error")
-    try:
-        if inspect.iscoroutinefunction(tool):
-            result = await asyncio.wait_for(tool(**call.arguments), timeout_s)
-        else:
-            result = await asyncio.wait_for(asyncio.to_thread(tool, **call.arguments), timeout_s)
-    except TimeoutError:
-        return ToolOutcome(f"Error: {call.name} did not answer within {timeout_s:g} s", "timeout")
-    except Exception as err:
-        return ToolOutcome(f"Error: {call.name} raised {type(err).__name__}: {err}", "error")
+    with span("tool", tool=call.name) as traced:
+        try:
+            if inspect.iscoroutinefunction(tool):
+                result = await asyncio.wait_for(tool(**call.arguments), timeout_s)
+            else:
+                result = await asyncio.wait_for(asyncio.to_thread(tool, **call.arguments), timeout_s)
+        except TimeoutError:
+            traced["outcome"] = "timeout"
+            return ToolOutcome(f"Error: {call.name} did not answer within {timeout_s:g} s", "timeout")
+        except Exception as err:
+            traced["outcome"] = "error"
+            return ToolOutcome(f"Error: {call.name} raised {type(err).__name__}: {err}", "error")
     return ToolOutcome(result if isinstance(result, str) else json.dumps(result, default=str), "ok")

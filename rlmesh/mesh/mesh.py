@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
+import time
 import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import replace
@@ -16,6 +18,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
+from rlmesh import spans
 from rlmesh.mesh import process_groups
 from rlmesh.mesh.context import MeshRank, _enter
 from rlmesh.mesh.dispatch import ShardPlan, concat, split_args, unpad
@@ -93,9 +96,17 @@ def _host_class(cls: type) -> type:
             value = await value
         return split_result(value, summary(value) if summary else None) if in_store else value
 
+    def _rlmesh_spans(self: Any) -> dict[str, Any]:
+        place = self._rlmesh_place
+        return {"mesh": place.mesh_name, "rank": place.rank, "coords": dict(place.coords), "spans": spans.drain()}
+
     # A coroutine method makes Ray run the actor on an event loop; only classes that already have one get it.
-    is_async = any(spec.is_async for spec in endpoints_of(cls).values())
+    endpoints = endpoints_of(cls)
+    is_async = any(spec.is_async for spec in endpoints.values())
     members = {
+        # every endpoint call is a span of this process (drained by _rlmesh_spans into the step's trace)
+        **{name: _traced(name, getattr(cls, name), spec.is_async) for name, spec in endpoints.items()},
+        "_rlmesh_spans": _rlmesh_spans,
         "__init__": __init__,
         "_rlmesh_address": _rlmesh_address,
         "_rlmesh_setup": _rlmesh_setup,
@@ -108,6 +119,35 @@ def _host_class(cls: type) -> type:
         "__qualname__": cls.__qualname__,
     }
     return type(cls.__name__, (cls,), members)
+
+
+def _trace_args(actor: Any) -> dict[str, Any]:
+    """What a role adds to the spans of its calls (its `trace_args()`: an engine's weight version, say)."""
+    hook = getattr(actor, "trace_args", None)
+    return dict(hook()) if callable(hook) else {}
+
+
+def _traced(name: str, method: Callable[..., Any], is_async: bool) -> Callable[..., Any]:
+    """`method` recording each call as a span named after the endpoint (its marks and signature kept)."""
+    if is_async:
+
+        async def traced_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+            start, extra = time.time_ns(), _trace_args(self)
+            try:
+                return await method(self, *args, **kwargs)
+            finally:
+                spans.record(name, start, time.time_ns(), **extra)
+
+        return functools.wraps(method)(traced_async)
+
+    def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start, extra = time.time_ns(), _trace_args(self)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            spans.record(name, start, time.time_ns(), **extra)
+
+    return functools.wraps(method)(traced)
 
 
 _remote_classes: weakref.WeakKeyDictionary[type, Any] = weakref.WeakKeyDictionary()
@@ -389,6 +429,13 @@ class ActorMesh(Generic[T]):
     def release_route_key(self, key: Hashable) -> None:
         """A session routed by `key` (`endpoint.options(route_key=key)`) ended: the router may forget it."""
         self._root._routed.release(key)
+
+    def drain_spans(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """The spans each actor recorded since the last drain (its endpoint calls, and what its code recorded with
+        rlmesh.spans), one dict per actor: mesh, rank, coords, spans. Actors that do not answer are left out."""
+        table = self._root._table
+        drained = settle([h._rlmesh_spans.remote() for h in table.handles], timeout_s)
+        return [drained.values[pos] for pos in sorted(drained.values)]
 
     def fault_counts(self) -> dict[str, int]:
         """Routed calls re-issued because their actor died, and actors restarted, since the mesh started."""

@@ -65,6 +65,25 @@ def test_grpo_steps_update_the_policy_and_write_everything(tmp_path: Path):
     titles = [a.get_title() for a in runs_figure([read_run(tmp_path), read_run(verl_log)]).axes if a.get_visible()]
     for drawn in ("reward", "validation accuracy", "entropy", "grad norm", "rollout vs trainer", "time per step"):
         assert any(title.startswith(drawn) for title in titles), (drawn, titles)
+    # each step's trace: the controller's phases and every role actor's endpoint calls, with rank and coordinates
+    assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == [f"step_00000{s}.json" for s in (1, 2, 3)]
+    events = json.loads((tmp_path / "traces" / "step_000002.json").read_text())["traceEvents"]
+    names = {e["args"]["name"]: e["pid"] for e in events if e["name"] == "process_name"}
+    assert {"controller", "trainer", "rollout", "reward"} <= set(names)
+    spans = [e for e in events if e["ph"] == "X"]
+
+    def spans_of(process: str) -> set[str]:
+        return {e["name"] for e in spans if e["pid"] == names[process]}
+
+    assert {"gen", "update_actor", "update_weights"} <= spans_of("controller")
+    assert {"generate", "load_weights"} <= spans_of("rollout") and "update" in spans_of("trainer")
+    assert "score" in spans_of("reward")
+    generate = [e for e in spans if e["name"] == "generate"]
+    assert len(generate) == 8 and all(e["args"]["weight_version"] == 1 for e in generate)  # step 2 samples v1
+    assert all(e["dur"] > 0 and e["args"]["coords"] == {"dp": 0} for e in generate)
+    update = next(e for e in spans if e["name"] == "update_actor")
+    inside = next(e for e in spans if e["name"] == "update" and e["pid"] == names["trainer"])
+    assert update["ts"] <= inside["ts"] and inside["ts"] + inside["dur"] <= update["ts"] + update["dur"] + 1e3
     checkpoint = tmp_path / "checkpoints" / "step_000003"
     from transformers import AutoModelForCausalLM
 

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "rlmesh"
 
 # Bottom first. A package may import only packages of a strictly lower layer (and itself).
 LAYERS: list[set[str]] = [
-    {"wire"},  # zero-copy tensor pickling, shared by the mesh and the Batch
+    {"wire", "spans"},  # zero-copy tensor pickling, shared by the mesh and the Batch; the process's trace spans
     {"mesh"},  # the actor-mesh runtime; knows nothing about RL
     {"data"},
     {"reward", "envs"},  # pure python: scoring; environments, tools and multi-turn token buffers
@@ -88,7 +88,7 @@ def test_pure_packages_import_no_runtime(package: str) -> None:
 
 def test_the_mesh_imports_no_rl_package_of_ours() -> None:
     ours = {name for name in modules_after_import("rlmesh.mesh") if name.startswith("rlmesh.")}
-    assert {name.split(".")[1] for name in ours} <= {"mesh", "wire"}
+    assert {name.split(".")[1] for name in ours} <= {"mesh", "wire", "spans"}
 
 
 def test_the_mesh_module_does_not_import_the_controller_side_of_collectives():

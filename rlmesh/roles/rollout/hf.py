@@ -255,6 +255,10 @@ class HFRollout:
         with self._busy.paused():  # batches wait for the model lock meanwhile
             await asyncio.to_thread(self._load_weights, weights, version)
 
+    def trace_args(self) -> dict[str, int]:
+        """Added to the trace span of each call: the weights the rollout serves when it begins."""
+        return {"weight_version": self._weight_version}
+
     @endpoint
     async def weight_version(self) -> int:
         """The version of the weights the next batch generates with (0 until the first load_weights)."""

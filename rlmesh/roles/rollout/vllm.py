@@ -275,6 +275,10 @@ class VLLMRollout:
 
     # ------------------------------------------------------------ weights
 
+    def trace_args(self) -> dict[str, int]:
+        """Added to the trace span of each call: the weights the engine serves when it begins."""
+        return {"weight_version": self._weight_version}
+
     @endpoint
     def weight_version(self) -> int:
         return self._weight_version

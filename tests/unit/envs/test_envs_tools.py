@@ -118,3 +118,21 @@ def test_step_may_return_gym_tuples_or_a_step_result():
     assert as_step_result(StepResult("more", None, False)).observation == "more"
     with pytest.raises(TypeError, match="StepResult or"):
         as_step_result("done")
+
+
+def test_each_tool_run_is_a_span_of_the_trace_with_its_outcome():
+    from rlmesh import spans
+
+    tools = tool_methods(Shop())
+    spans.drain()
+    asyncio.run(run_tool(tools, ToolCall("price", {"item": "pear"}), 1.0))
+    asyncio.run(run_tool(tools, ToolCall("price", {"item": "kiwi"}), 1.0))
+    asyncio.run(run_tool(tools, ToolCall("wait", {"seconds": 10}), 0.05))
+    recorded = spans.drain()
+    assert [(s["name"], s["args"]) for s in recorded] == [
+        ("tool", {"tool": "price"}),
+        ("tool", {"tool": "price", "outcome": "error"}),
+        ("tool", {"tool": "wait", "outcome": "timeout"}),
+    ]
+    assert all(s["end_ns"] >= s["start_ns"] for s in recorded)
+    assert recorded[2]["end_ns"] - recorded[2]["start_ns"] >= 0.04e9
