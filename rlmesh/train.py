@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +30,7 @@ from rlmesh.mesh import ActorMesh, Placement, PlacementError, start_store_worker
 from rlmesh.mesh.collective import BIND_HOST_ENV
 from rlmesh.plan import NO_WEIGHTS, RoleSpec, RunPlan
 from rlmesh.recovery import RunFailed, RunInterrupted, StopRequest
+from rlmesh.run_summary import end_lines, startup_lines
 
 if TYPE_CHECKING:
     from rlmesh.roles.contracts import (
@@ -82,6 +84,8 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
     train_prompts, val_prompts, data_report = build_prompts(typed, tokenizer)
     total_steps = typed.trainer.total_steps or typed.trainer.total_epochs * len(train_prompts)
 
+    started = time.perf_counter()
+    print_startup(typed, plan, run_dir, data_report, total_steps)
     release = contextlib.ExitStack()  # Ray (if we start it), placements and meshes, released last-made first
     if start_ray(typed, plan):
         release.callback(ray.shutdown)
@@ -100,12 +104,33 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             loop = RLLoop(typed, roles, train_prompts, val_prompts, pad, run_dir, tracker, stop, data_report)
             history = loop.fit(total_steps)
+        png = None
         if typed.trainer.plot and "jsonl" in typed.trainer.logger:
             png = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
             log.info("learning curves: %s", png)
+        for line in end_lines(run_dir, history, png, time.perf_counter() - started):
+            log.info("%s", line)
         return history
     finally:
         release.close()  # every callback runs, even after one fails
+
+
+def print_startup(
+    cfg: RlmeshConfig, plan: RunPlan, run_dir: Path, data_report: dict[str, float], total_steps: int
+) -> None:
+    """The start-up summary on the console: the run's settings, then the resolved roles as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    lines, rows = startup_lines(cfg, plan, run_dir, data_report, total_steps)
+    for line in lines:
+        log.info("%s", line)
+    table = Table(title="roles")
+    for column in ("role", "class", "shape", "resources per actor", "contracts"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    Console(stderr=True, width=160).print(table)
 
 
 @contextlib.contextmanager

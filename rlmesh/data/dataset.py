@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypedDict, Ty
 
 import numpy as np
 
-from rlmesh.data.sources import UnreadableRow, read_rows
+from rlmesh.data.sources import UnreadableRow, progress, read_rows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -165,7 +165,8 @@ class PromptDataset:
 
         kept: list[_Record] = []
         token_ids: list[list[int]] = []
-        for start in range(0, len(records), TOKENIZE_CHUNK):
+        chunks = range(0, len(records), TOKENIZE_CHUNK)
+        for start in progress(chunks, f"tokenizing {name}", len(chunks), unit=f"x{TOKENIZE_CHUNK} rows"):
             chunk = records[start : start + TOKENIZE_CHUNK]
             texts = self._render(chunk, tokenizer, apply_chat_template, dict(chat_template_kwargs or {}), strict)
             rendered = [(record, text) for record, text in zip(chunk, texts, strict=True) if text is not None]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rlmesh.data.sources import load_disk_or_hub
+from rlmesh.data.sources import load_disk_or_hub, progress
 
 if TYPE_CHECKING:
     import datasets
@@ -148,7 +148,8 @@ def convert_rows(
     rows: list[dict[str, Any]] = []
     seen_prompts: set[tuple[tuple[str, str], ...]] = set()
     counts = {"input": 0, "output": 0, "no_answer": 0, "duplicates": 0}
-    for index, example in enumerate(examples):
+    total = len(examples) if hasattr(examples, "__len__") else None
+    for index, example in enumerate(progress(examples, f"converting {split}", total)):
         counts["input"] += 1
         row = convert(example, index, split)
         if row is None:

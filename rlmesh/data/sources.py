@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow.parquet as pq
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     import datasets
@@ -138,3 +141,14 @@ def _starts_with(path: Path, character: str) -> bool:
             if stripped:
                 return stripped.startswith(character)
     return False
+
+
+def progress(items: Iterable[T], description: str, total: int | None, unit: str = "row") -> Iterable[T]:
+    """`items` with a progress bar on a terminal (tqdm, on stderr) when there are more than a few; as is otherwise."""
+    import sys
+
+    from tqdm import tqdm
+
+    if not sys.stderr.isatty() or (total is not None and total < 4):
+        return items
+    return tqdm(items, desc=description, total=total, unit=unit, leave=False)

@@ -65,3 +65,9 @@ def test_the_main_job_command_trains_two_steps_on_a_host_with_a_small_numa_node(
         assert metrics[step]["weight_sync/bytes"] > 0 and metrics[step]["weight_sync/buckets"] >= 1
     assert (out / "checkpoints" / "step_000002" / "COMPLETE").is_file()
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # what the run says when it starts (its roles, resolved) and when it ends (the best score, where things are)
+    said = done.stdout + done.stderr  # the log (Hydra sends it to stdout) and the table
+    assert "rlmesh.roles.rollout.vllm.VLLMRollout" in said and "rlmesh.roles.trainer.PolicyTrainer" in said
+    assert "roles start in about" in said and "1.1M parameters" in said
+    assert "best val-core/arithmetic/acc/mean@1 = " in said
+    assert f"final checkpoint: {out / 'checkpoints' / 'step_000002'}" in said and f"plot: {out / 'curves.png'}" in said

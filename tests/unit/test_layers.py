@@ -32,7 +32,7 @@ LAYERS: list[set[str]] = [
     {"plan"},  # the role table: reads the role classes
     {"recovery", "config_checks"},
     {"sampling"},  # generation requests and their scores: what the loop trains on and `rlmesh eval` measures
-    {"loop"},
+    {"loop", "run_summary"},  # the run; what it says when it starts and ends
     {"train", "export"},  # `rlmesh export`: a checkpoint as a clean Hugging Face folder
     {"eval"},  # `rlmesh eval`: starts the rollout and reward meshes as train does
     {"cli"},  # `rlmesh train|eval|plot|export`: dispatches to the commands
