@@ -432,7 +432,8 @@ def write_trace(
     path: Path, step: int, controller: Sequence[Mapping[str, Any]], actors: Sequence[Mapping[str, Any]]
 ) -> Path:
     """One step's spans as a Chrome / Perfetto trace (chrome://tracing, ui.perfetto.dev): the controller's phases,
-    then one process per mesh with a thread per actor (its rank and coordinates), each span with its args."""
+    then one process per mesh with a thread per actor (its rank and coordinates), each span with its args (the
+    actor's rank, coordinates and Ray node among them)."""
     events: list[dict[str, Any]] = []
     processes: dict[str, int] = {"controller": 0}
 
@@ -464,8 +465,9 @@ def write_trace(
                 "args": {"name": f"rank {actor['rank']} ({coords})"},
             }
         )
+        where = {"step": step, "rank": actor["rank"], "coords": actor["coords"], "node": actor.get("node")}
         for span in actor["spans"]:
-            add(pid, actor["rank"], span, {"step": step, "rank": actor["rank"], "coords": actor["coords"]})
+            add(pid, actor["rank"], span, where)
     for name, pid in processes.items():
         events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": name}})
     path.parent.mkdir(parents=True, exist_ok=True)

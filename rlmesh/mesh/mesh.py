@@ -98,7 +98,14 @@ def _host_class(cls: type) -> type:
 
     def _rlmesh_spans(self: Any) -> dict[str, Any]:
         place = self._rlmesh_place
-        return {"mesh": place.mesh_name, "rank": place.rank, "coords": dict(place.coords), "spans": spans.drain()}
+        node = ray.get_runtime_context().get_node_id()
+        return {
+            "mesh": place.mesh_name,
+            "rank": place.rank,
+            "coords": dict(place.coords),
+            "node": node,
+            "spans": spans.drain(),
+        }
 
     # A coroutine method makes Ray run the actor on an event loop; only classes that already have one get it.
     endpoints = endpoints_of(cls)
