@@ -25,7 +25,7 @@ from rlmesh.mesh import start_store_worker
 from rlmesh.metrics import evaluation_metrics
 from rlmesh.recovery import RunFailed
 from rlmesh.sampling import Sampler
-from rlmesh.train import DataError, build_prompts, start_meshes, start_ray
+from rlmesh.train import CONFIG_DIR, DataError, build_prompts, start_meshes, start_ray
 
 if TYPE_CHECKING:
     from rlmesh.roles.contracts import AgentLoopMesh, RolloutMesh, ScorerMesh
@@ -37,7 +37,7 @@ GENERATIONS = "generations.jsonl"
 SUMMARY = "summary.json"
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)

@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("rlmesh")
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+# Absolute: Hydra resolves a relative config_path against the calling module, which the `rlmesh` console script
+# makes a package path (and configs/ is no package).
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 OmegaConf.register_new_resolver("rlmesh_asset", lambda name: str(ASSETS / name), replace=True)
 ConfigStore.instance().store(name="rlmesh_schema", node=RlmeshConfig)
 
@@ -53,7 +56,7 @@ ConfigStore.instance().store(name="rlmesh_schema", node=RlmeshConfig)
 SIGNAL_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
-@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
