@@ -53,7 +53,10 @@ def tiny_folders(tmp_path: Path) -> dict[str, Path]:
     for weights in pickled.glob("*.safetensors"):
         weights.unlink()
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")  # an old-style pickled checkpoint
-    return {"no_config": no_config, "pickled": pickled}
+    dump = tmp_path / "dump"  # what trainer.dump_rollouts writes (the checks look for step files only)
+    dump.mkdir()
+    (dump / "step_000001.pt").write_bytes(b"")
+    return {"no_config": no_config, "pickled": pickled, "dump": dump}
 
 
 PPO = ["recipe=ppo"]
@@ -349,6 +352,19 @@ CASES: list[tuple[str, list[str], str, str]] = [
         ["recipe=grpo_tool", "algorithm.dynamic_sampling.enable=true"],
         "algorithm.dynamic_sampling.enable",
         "single-turn widths",
+    ),
+    ("replay_no_dump", ["trainer.replay_rollouts={no_config}"], "trainer.replay_rollouts", "not a folder of dumped"),
+    (
+        "replay_into_itself",
+        ["trainer.replay_rollouts={dump}", "trainer.dump_rollouts={dump}"],
+        "trainer.dump_rollouts",
+        "is the folder being replayed",
+    ),
+    (
+        "replay_agents",
+        ["recipe=grpo_tool", "trainer.replay_rollouts={dump}"],
+        "trainer.replay_rollouts",
+        "multi-turn episodes (roles.agent) cannot be replayed",
     ),
     ("no_vllm", ["no_vllm"], "roles.rollout._target_", "vLLM is not installed"),
     ("old_vllm", ["old_vllm"], "roles.rollout._target_", "vLLM 0.11.0 is installed, and rlmesh supports 0.32.x"),
