@@ -437,12 +437,23 @@ class ActorMesh(Generic[T]):
         """A session routed by `key` (`endpoint.options(route_key=key)`) ended: the router may forget it."""
         self._root._routed.release(key)
 
-    def drain_spans(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
-        """The spans each actor recorded since the last drain (its endpoint calls, and what its code recorded with
-        rlmesh.spans), one dict per actor: mesh, rank, coords, spans. Actors that do not answer are left out."""
+    def drain_spans(self, timeout_s: float = 2.0) -> list[dict[str, Any]]:
+        """The spans each actor recorded since its last drain (its endpoint calls, and what its code recorded with
+        rlmesh.spans), one dict per actor that answered within `timeout_s`: mesh, rank, coords, node, spans. An
+        actor busy with a long call answers later, and its spans come with a later drain: none is lost, and a busy
+        actor costs the caller at most `timeout_s`. A dead actor's spans are gone with it."""
         table = self._root._table
-        drained = settle([h._rlmesh_spans.remote() for h in table.handles], timeout_s)
-        return [drained.values[pos] for pos in sorted(drained.values)]
+        with table.lock:
+            handles, generations = list(table.handles), list(table.generation)
+        pending = table.span_drains
+        for pos, handle in enumerate(handles):
+            if pos not in pending or pending[pos][0] != generations[pos]:  # none pending, or its actor was replaced
+                pending[pos] = (generations[pos], handle._rlmesh_spans.remote())
+        positions = sorted(pending)
+        drained = settle([pending[pos][1] for pos in positions], timeout_s)
+        for index in set(drained.values) | set(drained.errors):
+            del pending[positions[index]]
+        return [drained.values[index] for index in sorted(drained.values)]
 
     def fault_counts(self) -> dict[str, int]:
         """Routed calls re-issued because their actor died, and actors restarted, since the mesh started."""

@@ -79,6 +79,7 @@ class ActorTable:
         self.methods: dict[str, list[Any]] = {}
         self.restart_lock = threading.Lock()  # one restart at a time: two would each replace the same dead actor
         self.faults = {"retried_calls": 0, "restarted_actors": 0}
+        self.span_drains: dict[int, tuple[int, Any]] = {}  # position -> (generation, ref of its pending span drain)
 
     def method(self, name: str, pos: int) -> Any:
         cached = self.methods.get(name)

@@ -346,3 +346,24 @@ def test_torch_distributed_starts_inside_a_mesh(ray_cluster):
         assert mesh.torch_dist_all_reduce.all().result(timeout=60) == [3.0, 3.0]
     finally:
         mesh.shutdown()
+
+
+def test_every_endpoint_call_is_a_span_and_a_busy_actor_hands_its_spans_to_a_later_drain(ray_cluster):
+    mesh = ActorMesh(Worker, {"dp": 2}, resources={"CPU": 0.1}, name="traced")
+    try:
+        mesh.double.shard([1, 2, 3, 4]).result()
+        drained = mesh.drain_spans()
+        assert [(d["rank"], d["coords"], [s["name"] for s in d["spans"]]) for d in drained] == [
+            (0, {"dp": 0}, ["double"]),
+            (1, {"dp": 1}, ["double"]),
+        ]
+        assert all(s["end_ns"] >= s["start_ns"] for d in drained for s in d["spans"])
+        assert [d["spans"] for d in mesh.drain_spans()] == [[], []]  # drained once
+        busy = mesh[1].sleep.call_one(1.5)  # a sync actor runs one call at a time: it cannot answer meanwhile
+        time.sleep(0.1)
+        assert [d["rank"] for d in mesh.drain_spans(timeout_s=0.3)] == [0]
+        busy.result()
+        later = {d["rank"]: [s["name"] for s in d["spans"]] for d in mesh.drain_spans()}
+        assert later == {0: [], 1: ["sleep"]}  # rank 1's pending drain ran after the sleep and carries its span
+    finally:
+        mesh.shutdown()
