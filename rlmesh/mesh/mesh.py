@@ -441,19 +441,25 @@ class ActorMesh(Generic[T]):
         """The spans each actor recorded since its last drain (its endpoint calls, and what its code recorded with
         rlmesh.spans), one dict per actor that answered within `timeout_s`: mesh, rank, coords, node, spans. An
         actor busy with a long call answers later, and its spans come with a later drain: none is lost, and a busy
-        actor costs the caller at most `timeout_s`. A dead actor's spans are gone with it."""
+        actor costs the caller at most `timeout_s` once. A dead actor's spans are gone with it."""
         table = self._root._table
         with table.lock:
             handles, generations = list(table.handles), list(table.generation)
         pending = table.span_drains
+        fresh = []
         for pos, handle in enumerate(handles):
             if pos not in pending or pending[pos][0] != generations[pos]:  # none pending, or its actor was replaced
                 pending[pos] = (generations[pos], handle._rlmesh_spans.remote())
-        positions = sorted(pending)
-        drained = settle([pending[pos][1] for pos in positions], timeout_s)
-        for index in set(drained.values) | set(drained.errors):
-            del pending[positions[index]]
-        return [drained.values[index] for index in sorted(drained.values)]
+                fresh.append(pos)
+        answered: dict[int, Any] = {}
+        # Drains issued now get the timeout; one still pending from an earlier call (its actor was busy then) is
+        # only looked at, so an actor busy at every call does not cost each of them the timeout.
+        for positions, wait_s in ((fresh, timeout_s), ([p for p in sorted(pending) if p not in fresh], 0.0)):
+            drained = settle([pending[pos][1] for pos in positions], wait_s)
+            for index in set(drained.values) | set(drained.errors):
+                del pending[positions[index]]
+            answered |= {positions[index]: value for index, value in drained.values.items()}
+        return [answered[pos] for pos in sorted(answered)]
 
     def fault_counts(self) -> dict[str, int]:
         """Routed calls re-issued because their actor died, and actors restarted, since the mesh started."""

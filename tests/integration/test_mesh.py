@@ -362,6 +362,9 @@ def test_every_endpoint_call_is_a_span_and_a_busy_actor_hands_its_spans_to_a_lat
         busy = mesh[1].sleep.call_one(1.5)  # a sync actor runs one call at a time: it cannot answer meanwhile
         time.sleep(0.1)
         assert [d["rank"] for d in mesh.drain_spans(timeout_s=0.3)] == [0]
+        started = time.monotonic()
+        assert [d["rank"] for d in mesh.drain_spans(timeout_s=5.0)] == [0]  # still busy: looked at, not waited for
+        assert time.monotonic() - started < 1.0
         busy.result()
         later = {d["rank"]: [s["name"] for s in d["spans"]] for d in mesh.drain_spans()}
         assert later == {0: [], 1: ["sleep"]}  # rank 1's pending drain ran after the sleep and carries its span
