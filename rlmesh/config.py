@@ -355,6 +355,9 @@ class EvalConfig:
 
     # A run folder (its latest checkpoint), a checkpoint (step_N), or a Hugging Face model folder; None: model.path.
     checkpoint: str | None = None
+    # A checkpoint of an rlmesh run is evaluated with that run's config (its config.yaml: data, reward, rollout), the
+    # command line's key=value overrides on top; false: the config composed from the command line alone.
+    use_run_config: bool = True
     output_dir: str | None = None  # generations.jsonl and summary.json; None: <the model folder's run>/eval or ./eval
     bootstrap_samples: int = 1000  # resamples of the prompts for each metric's confidence interval; 0 = none
     confidence: float = 0.95

@@ -321,7 +321,8 @@ def _check_trainer_mode(bad: Report, cfg: RlmeshConfig) -> None:
             "issues a step's prompts before the steps ahead of it are scored",
             "set trainer.mode=sync, or turn dynamic sampling off",
         )
-    if estimator_needs(cfg.algorithm.adv_estimator).baseline:
+    estimator = cfg.algorithm.adv_estimator
+    if estimator in ADVANTAGE_ESTIMATORS and estimator_needs(estimator).baseline:
         bad(
             "algorithm.adv_estimator",
             cfg.algorithm.adv_estimator,
@@ -332,8 +333,8 @@ def _check_trainer_mode(bad: Report, cfg: RlmeshConfig) -> None:
 
 
 def _check_dump_and_replay(bad: Report, cfg: RlmeshConfig) -> None:
-    """trainer.replay_rollouts names a dump with step files, not the folder this run dumps into; agents' episodes
-    are not replayed."""
+    """trainer.replay_rollouts names a dump with step files, not the folder this run dumps into; agents' episodes,
+    dynamic sampling's discarded draws and greedy baselines are not in a dump, so those runs are not replayed."""
     replay, dump = cfg.trainer.replay_rollouts, cfg.trainer.dump_rollouts
     if not replay:
         return
@@ -353,6 +354,21 @@ def _check_dump_and_replay(bad: Report, cfg: RlmeshConfig) -> None:
             replay,
             "multi-turn episodes (roles.agent) cannot be replayed: their samples come from the agent loops",
             "replay single-turn runs, or unset roles.agent.environment",
+        )
+    if cfg.algorithm.dynamic_sampling.enable:
+        bad(
+            "algorithm.dynamic_sampling.enable",
+            True,
+            "a replay has only the trained groups, not the draws dynamic sampling discarded",
+            "replay with algorithm.dynamic_sampling.enable=false (the dump holds what was trained)",
+        )
+    estimator = cfg.algorithm.adv_estimator
+    if estimator in ADVANTAGE_ESTIMATORS and estimator_needs(estimator).baseline:
+        bad(
+            "algorithm.adv_estimator",
+            cfg.algorithm.adv_estimator,
+            "its greedy baseline responses are not in the dump, so they cannot be replayed",
+            "replay runs of estimators without a greedy baseline (not remax)",
         )
 
 

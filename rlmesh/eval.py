@@ -39,11 +39,50 @@ SUMMARY = "summary.json"
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
     try:
-        evaluate(cfg)
+        evaluate(with_run_config(cfg, list(HydraConfig.get().overrides.task)))
     except (RunFailed, ConfigError, DataError) as failed:
         log.error("%s", failed)
         sys.exit(1)
+
+
+CONFIG_GROUPS = ("recipe", "rollout", "reward")  # command-line choices the run's saved config has already made
+
+
+def run_config_of(checkpoint: str) -> Path | None:
+    """The config.yaml of the rlmesh run that `checkpoint` (a run folder, or a checkpoint inside one) belongs to."""
+    try:
+        folder = policy_folder(checkpoint)
+    except FileNotFoundError:
+        return None
+    if folder.parent.parent.name != "checkpoints":
+        return None
+    saved = folder.parents[2] / "config.yaml"
+    return saved if saved.is_file() else None
+
+
+def with_run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """With eval.use_run_config and a checkpoint of an rlmesh run: that run's saved config, with the command line's
+    key=value `overrides` on top (config-group choices such as recipe= were made by the run, and are ignored with a
+    warning). Otherwise `cfg` as composed."""
+    saved = run_config_of(cfg.eval.checkpoint) if cfg.eval.checkpoint and cfg.eval.use_run_config else None
+    if saved is None:
+        return cfg
+    merged = OmegaConf.merge(OmegaConf.structured(RlmeshConfig), OmegaConf.load(saved))
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+")
+        if override.startswith("~") or "=" not in override:
+            continue
+        if key in CONFIG_GROUPS:
+            log.warning(
+                "%s: ignored, the run's config (%s) is used; eval.use_run_config=false to compose", override, saved
+            )
+            continue
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override.lstrip("+")]))
+    log.info("evaluating with the run's config %s and the overrides %s", saved, overrides)
+    return cast(DictConfig, merged)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -102,6 +141,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         generations = rows.fetch()
     finally:
         release.close()
+    if len(generations) != len(prompts) * n:  # episodes split into several samples: each counts once, by its first
+        first = [i for i, e in enumerate(generations["episode"]) if e is not None] if "episode" in generations else []
+        if len(first) != len(prompts) * n:
+            raise RunFailed(f"{len(generations)} samples came back for {len(prompts)} prompts x {n}")
+        generations, scored = generations[first], scored[first]
     accs = scored.get("acc")
     preds = scored.get("pred")
     metrics = evaluation_metrics(
@@ -146,6 +190,7 @@ def write_generations(
     and as token ids), the engine's log-probs of the response tokens, and the scorer's fields (score, acc, pred)."""
     mask = generations["response_mask"].bool()
     fields = [key for key in scored.non_tensors if key != "reward_failure"]
+    failures = scored.get("reward_failure")
     with path.open("w") as file:
         for i in range(len(generations)):
             prompt = prompts[i // n]
@@ -162,7 +207,7 @@ def write_generations(
                 "logprobs": generations["rollout_logprobs"][i][mask[i]].tolist()
                 if "rollout_logprobs" in generations
                 else None,
-                "failure": scored["reward_failure"][i],
+                "failure": failures[i] if failures is not None else None,
             }
             line |= {key: scored[key][i] for key in fields}
             file.write(json.dumps(line, default=str) + "\n")

@@ -53,8 +53,10 @@ def _resume(value: str) -> str:
     return {"auto": "auto", "disable": "never", "resume_path": "auto"}.get(value.strip("'\""), value)
 
 
-def _greedy_if_no_sampling(value: str) -> str:
-    return "1.0" if _bool(value) else "0.0"
+def _truncation(value: str) -> str:
+    # verl's left / right are rlmesh's truncate_left / truncate_right
+    value = value.strip("'\"")
+    return {"left": "truncate_left", "right": "truncate_right"}.get(value, value)
 
 
 OFFLOAD = "rlmesh's FSDP2 roles keep parameters and optimizer state on the device (no CPU offload); drop it"
@@ -103,7 +105,7 @@ KEYS: tuple[KeyMap, ...] = (
         ("roles.rollout.sampling.max_tokens", "roles.rollout.val_sampling.max_tokens"),
         note="also sets roles.rollout.max_model_len to max_prompt_length + max_response_length when both are given",
     ),
-    KeyMap("data.truncation", ("data.truncation",)),
+    KeyMap("data.truncation", ("data.truncation",), _truncation),
     KeyMap("data.filter_overlong_prompts", ("data.truncation",), _truncation_of_filter),
     KeyMap("data.shuffle", ("data.shuffle",)),
     KeyMap(
@@ -171,8 +173,7 @@ KEYS: tuple[KeyMap, ...] = (
     KeyMap(
         f"{AR}.rollout.val_kwargs.do_sample",
         ("roles.rollout.val_sampling.temperature",),
-        _greedy_if_no_sampling,
-        note="False is greedy (temperature 0); True keeps temperature 1 unless val_kwargs.temperature is given",
+        note="False is greedy (temperature 0); True samples at val_kwargs.temperature",
     ),
     KeyMap(f"{AR}.rollout.tensor_model_parallel_size", ("roles.rollout.tensor_parallel_size",)),
     KeyMap(f"{AR}.rollout.gpu_memory_utilization", ("roles.rollout.gpu_memory_utilization",)),
@@ -323,6 +324,13 @@ def translate(command: str | Sequence[str]) -> Translation:
             continue
         if key == "data.truncation" and _bool(given.get("data.filter_overlong_prompts", "false")):
             continue  # verl filters overlong prompts first, so its truncation never applies: filter wins
+        if key == f"{AR}.rollout.val_kwargs.do_sample":
+            if not _bool(value):  # greedy; sampling keeps val_kwargs.temperature (rlmesh's default is greedy)
+                result.overrides.append("roles.rollout.val_sampling.temperature=0.0")
+            elif f"{AR}.rollout.val_kwargs.temperature" not in given:
+                result.overrides.append("roles.rollout.val_sampling.temperature=1.0")  # verl's default temperature
+            result.notes.append(f"{key}: {entry.note}")
+            continue
         converted = entry.convert(value) if entry.convert else value
         if key == "trainer.n_gpus_per_node" and gpus is not None:
             converted = str(gpus)
@@ -330,9 +338,11 @@ def translate(command: str | Sequence[str]) -> Translation:
             result.overrides.append(f"{target}={converted}")
         if entry.note:
             result.notes.append(f"{key}: {entry.note}")
-    prompt, response = given.get("data.max_prompt_length"), given.get("data.max_response_length")
-    if prompt and response and f"{AR}.rollout.max_model_len" not in given:
+    prompt, response = given.get("data.max_prompt_length", ""), given.get("data.max_response_length", "")
+    if prompt.isdigit() and response.isdigit() and f"{AR}.rollout.max_model_len" not in given:
         result.overrides.append(f"roles.rollout.max_model_len={int(prompt) + int(response)}")
+    elif response and f"{AR}.rollout.max_model_len" not in given:  # shell variables: the user's to fill in
+        result.notes.append("set roles.rollout.max_model_len to data.max_prompt_length + data.max_response_length")
     if given.get("trainer.nnodes", "1").strip("'\"") != "1":
         result.notes.append("several nodes: start Ray on each (ray start) and pass cluster.address=HEAD_IP:6379")
     return result

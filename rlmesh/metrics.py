@@ -205,7 +205,7 @@ def evaluation_metrics(
         found[f"reward/mean@{n}"].append(sum(float(scores[i]) for i in group) / n)
         for k in ks:
             found[f"acc/pass@{k}"].append(pass_at_k(n, sum(correct), k))
-            if predictions is not None and any(predictions[i] is not None for i in group):
+            if predictions is not None:  # a prompt whose samples predicted nothing has no majority: 0
                 found[f"acc/maj@{k}"].append(majority_correct([predictions[i] for i in group][:k], correct[:k]))
     out: dict[str, float] = {}
     for source, metrics in per_prompt.items():

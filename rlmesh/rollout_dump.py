@@ -16,6 +16,7 @@ import torch
 from rlmesh.data import Batch
 
 STEP_FILE = "step_{step:06d}.{ext}"
+PAGE_SAMPLES = 512  # the page shows this many of a step's samples (a page of every token of a big step is too big)
 
 
 def dump_step(
@@ -103,7 +104,7 @@ def step_page(payload: dict[str, Any], tokenizer_path: str) -> str:
     tokenizer = _tokenizer(tokenizer_path)
     rows = []
     flat = [(g, s) for g, group in enumerate(payload["samples"]) for s in range(len(group))]
-    for row, (group, index) in enumerate(flat):
+    for row, (group, index) in enumerate(flat[:PAGE_SAMPLES]):
         sample = payload["samples"][group][index]
         trainer = payload["trainer_logprobs"][row]
         gaps = [t - r for t, r in zip(trainer, sample["logprobs"], strict=True)]
@@ -136,5 +137,6 @@ def step_page(payload: dict[str, Any], tokenizer_path: str) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>rlmesh step {payload['step']}</title>"
         f"<style>{style}</style></head><body><h1>step {payload['step']}: {len(flat)} samples</h1>"
-        f"<table>{head}{''.join(rows)}</table></body></html>\n"
+        + (f"<p>The first {PAGE_SAMPLES} are shown; step_N.pt holds all.</p>" if len(flat) > PAGE_SAMPLES else "")
+        + f"<table>{head}{''.join(rows)}</table></body></html>\n"
     )

@@ -96,8 +96,10 @@ def best_validation(rows: Sequence[Mapping[str, float]]) -> dict[str, Any]:
     scored = [
         (float(m[key]), int(m.get("step", m.get("training/global_step", 0))))
         for m in rows
-        if key in m and math.isfinite(m[key])
+        if isinstance(m.get(key), int | float) and math.isfinite(m[key])  # the jsonl writes NaN as null
     ]
+    if not scored:
+        return {}
     value, step = max(scored, key=lambda pair: (pair[0], -pair[1]))
     return {"metric": key, "value": value, "step": step}
 

@@ -456,22 +456,29 @@ def write_trace(
     for actor in actors:
         pid = processes.setdefault(actor["mesh"], len(processes))
         coords = ",".join(f"{k}={v}" for k, v in actor["coords"].items())
-        events.append(
-            {
-                "name": "thread_name",
-                "ph": "M",
-                "pid": pid,
-                "tid": actor["rank"],
-                "args": {"name": f"rank {actor['rank']} ({coords})"},
-            }
-        )
         where = {"step": step, "rank": actor["rank"], "coords": actor["coords"], "node": actor.get("node")}
-        for span in actor["spans"]:
-            add(pid, actor["rank"], span, where)
+        # An async actor runs calls at once; overlapping slices of one track do not nest, so each goes on the
+        # actor's first lane that is free by its start (thread id rank x 1000 + lane).
+        lane_ends: list[int] = []
+        for span in sorted(actor["spans"], key=lambda s: s["start_ns"]):
+            lane = next((i for i, end in enumerate(lane_ends) if end <= span["start_ns"]), len(lane_ends))
+            if lane == len(lane_ends):
+                lane_ends.append(0)
+                events.append(
+                    {
+                        "name": "thread_name",
+                        "ph": "M",
+                        "pid": pid,
+                        "tid": actor["rank"] * 1000 + lane,
+                        "args": {"name": f"rank {actor['rank']} ({coords})" + (f" #{lane}" if lane else "")},
+                    }
+                )
+            lane_ends[lane] = span["end_ns"]
+            add(pid, actor["rank"] * 1000 + lane, span, where)
     for name, pid in processes.items():
         events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": name}})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    tmp.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}, default=str))
     tmp.replace(path)
     return path

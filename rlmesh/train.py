@@ -75,6 +75,7 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
         raise ConfigError(
             [f"{key}: not a key rlmesh knows. Fix: check its spelling in rlmesh/config.py" for key in unknown]
         )
+    cfg = with_absolute_dump_paths(cfg)
     typed: RlmeshConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]  # schema type errors name the key
     plan = check_config(typed)
     run_dir = Path(typed.trainer.output_dir).resolve()
@@ -111,11 +112,30 @@ def run(cfg: DictConfig) -> list[dict[str, float]]:
         if typed.trainer.plot and "jsonl" in typed.trainer.logger:
             png = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
             log.info("learning curves: %s", png)
-        for line in end_lines(run_dir, history, png, time.perf_counter() - started):
-            log.info("%s", line)
+        try:
+            for line in end_lines(run_dir, history, png, time.perf_counter() - started):
+                log.info("%s", line)
+        except Exception as err:  # a summary that cannot be made must not fail a finished run
+            log.warning("no end-of-run summary: %s", err)
         return history
     finally:
         release.close()  # every callback runs, even after one fails
+
+
+def with_absolute_dump_paths(cfg: DictConfig) -> DictConfig:
+    """trainer.dump_rollouts and replay_rollouts resolved here, since the store worker and the replay actors read
+    them from their own directories; a replay has no engines, so nothing to colocate or put to sleep."""
+    trainer = cfg.trainer
+    if not (trainer.get("dump_rollouts") or trainer.get("replay_rollouts")):
+        return cfg
+    cfg = cfg.copy()
+    for key in ("dump_rollouts", "replay_rollouts"):
+        if cfg.trainer[key]:
+            cfg.trainer[key] = str(Path(cfg.trainer[key]).resolve())
+    if cfg.trainer.replay_rollouts:
+        cfg.roles.rollout.colocate_with_trainer = False
+        cfg.roles.rollout.enable_sleep_mode = False
+    return cfg
 
 
 def print_startup(

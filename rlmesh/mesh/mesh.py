@@ -112,7 +112,11 @@ def _host_class(cls: type) -> type:
     is_async = any(spec.is_async for spec in endpoints.values())
     members = {
         # every endpoint call is a span of this process (drained by _rlmesh_spans into the step's trace)
-        **{name: _traced(name, getattr(cls, name), spec.is_async) for name, spec in endpoints.items()},
+        **{
+            name: _traced(name, getattr(cls, name), spec.is_async)
+            for name, spec in endpoints.items()
+            if _traceable(cls, name)
+        },
         "_rlmesh_spans": _rlmesh_spans,
         "__init__": __init__,
         "_rlmesh_address": _rlmesh_address,
@@ -126,6 +130,15 @@ def _host_class(cls: type) -> type:
         "__qualname__": cls.__qualname__,
     }
     return type(cls.__name__, (cls,), members)
+
+
+def _traceable(cls: type, name: str) -> bool:
+    """A plain method or coroutine: static and class methods, and generators, keep their own form unwrapped."""
+    raw = inspect.getattr_static(cls, name)
+    if isinstance(raw, staticmethod | classmethod):
+        return False
+    method = getattr(cls, name)
+    return not (inspect.isgeneratorfunction(method) or inspect.isasyncgenfunction(method))
 
 
 def _trace_args(actor: Any) -> dict[str, Any]:

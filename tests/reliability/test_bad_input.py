@@ -366,6 +366,18 @@ CASES: list[tuple[str, list[str], str, str]] = [
         "trainer.replay_rollouts",
         "multi-turn episodes (roles.agent) cannot be replayed",
     ),
+    (
+        "replay_dynamic_sampling",
+        ["trainer.replay_rollouts={dump}", "algorithm.dynamic_sampling.enable=true"],
+        "algorithm.dynamic_sampling.enable",
+        "not the draws dynamic sampling discarded",
+    ),
+    (
+        "replay_greedy_baseline",
+        ["recipe=remax", "trainer.replay_rollouts={dump}"],
+        "algorithm.adv_estimator",
+        "greedy baseline responses are not in the dump",
+    ),
     ("no_vllm", ["no_vllm"], "roles.rollout._target_", "vLLM is not installed"),
     ("old_vllm", ["old_vllm"], "roles.rollout._target_", "vLLM 0.11.0 is installed, and rlmesh supports 0.32.x"),
 ]

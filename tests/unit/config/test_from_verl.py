@@ -223,3 +223,21 @@ def test_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     )
     assert printed.returncode == 0, printed.stderr[-2000:]
     assert "train_files:\n  - /home/user/data/gsm8k/train.parquet" in printed.stdout
+
+
+def test_sampled_validation_keeps_its_temperature_and_verl_truncation_names_are_translated():
+    result = translate(
+        [
+            "actor_rollout_ref.rollout.val_kwargs.temperature=0.6",
+            "actor_rollout_ref.rollout.val_kwargs.do_sample=True",
+            "data.truncation=left",
+            "data.max_prompt_length=${max_prompt_length}",
+            "data.max_response_length=${max_response_length}",
+        ]
+    )
+    assert "roles.rollout.val_sampling.temperature=0.6" in result.overrides
+    assert not any(o.startswith("roles.rollout.val_sampling.temperature=1") for o in result.overrides)
+    assert "data.truncation=truncate_left" in result.overrides
+    assert any("max_model_len" in note for note in result.notes)  # shell variables: not added up, but said
+    greedy = translate(["actor_rollout_ref.rollout.val_kwargs.do_sample=False"])
+    assert greedy.overrides[-1] == "roles.rollout.val_sampling.temperature=0.0"

@@ -79,3 +79,8 @@ def test_evaluation_metrics_per_data_source_under_val_core_names():
 def test_samples_not_n_per_prompt_are_refused():
     with pytest.raises(ValueError, match="not 2 per prompt"):
         evaluation_metrics(["a"] * 3, [1.0] * 3, None, None, 2)
+
+
+def test_a_prompt_whose_samples_predicted_nothing_counts_against_maj_at_k():
+    metrics = evaluation_metrics(["a"] * 4, [1.0, 1.0, 0.0, 0.0], None, ["7", "7", None, None], 2, resamples=0)
+    assert metrics["val-core/a/acc/maj@2"] == 0.5  # the second prompt has no votes: wrong, not left out

@@ -50,3 +50,51 @@ def test_the_end_summary_names_the_best_score_the_final_checkpoint_and_the_plot(
     assert "best val-core/a/acc/mean@1 = 0.5000 at step 1" in lines
     assert f"final checkpoint: {checkpoint}" in lines and f"plot: {tmp_path / 'curves.png'}" in lines
     assert end_lines(tmp_path / "empty", [], None, 1.0)[1] == "no checkpoint written (trainer.save_freq=0)"
+
+
+def test_the_best_score_skips_values_the_jsonl_wrote_as_null():
+    rows = [{"step": 0, "val-core/a/acc/mean@1": None}, {"step": 5, "val-core/a/acc/mean@1": 0.4}]
+    assert best_validation(rows) == {"metric": "val-core/a/acc/mean@1", "value": 0.4, "step": 5}
+    assert best_validation([{"step": 0, "val-core/a/acc/mean@1": None}]) == {}
+
+
+def test_overlapping_calls_of_one_actor_go_on_separate_lanes_of_its_track(tmp_path: Path):
+    from rlmesh.tracking import write_trace
+
+    spans = [
+        {"name": "generate", "start_ns": 0, "end_ns": 5_000_000, "args": {"weight_version": 3}},
+        {"name": "generate", "start_ns": 1_000_000, "end_ns": 2_000_000, "args": {}},
+        {"name": "generate", "start_ns": 6_000_000, "end_ns": 7_000_000, "args": {}},
+    ]
+    actor = {"mesh": "rollout", "rank": 1, "coords": {"dp": 1}, "node": "n", "spans": spans}
+    controller = [{"name": "gen", "start_ns": 0, "end_ns": 8_000_000, "args": {}}]
+    path = write_trace(tmp_path / "t.json", 4, controller, [actor])
+    events = json.loads(path.read_text())["traceEvents"]
+    slices = [e for e in events if e["ph"] == "X" and e["name"] == "generate"]
+    assert [e["tid"] for e in slices] == [1000, 1001, 1000]  # the second overlaps the first: its own lane
+    assert slices[0]["args"] == {"step": 4, "rank": 1, "coords": {"dp": 1}, "node": "n", "weight_version": 3}
+    assert slices[0]["dur"] == 5000.0  # microseconds
+    names = {e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert names == {"controller", "rollout"}
+
+
+def test_static_class_and_generator_endpoints_are_not_wrapped_for_tracing():
+    from rlmesh.mesh.endpoint import endpoint
+    from rlmesh.mesh.mesh import _traceable
+
+    class Role:
+        @endpoint
+        def plain(self) -> int:
+            return 1
+
+        @staticmethod
+        @endpoint
+        def static() -> int:
+            return 2
+
+        @endpoint
+        def stream(self):  # type: ignore[no-untyped-def]
+            yield 3
+
+    assert _traceable(Role, "plain")
+    assert not _traceable(Role, "static") and not _traceable(Role, "stream")
