@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import logging
@@ -170,6 +171,9 @@ class VLLMRollout:
         self._held_by_sync = False  # paused by receive_weights, and not yet resumed (a failed sync keeps it so)
         self._asleep: set[str] = set()  # what sleep freed and wake_up has not yet brought back
         self._busy = BusyClock()
+        # Cleared while a sync loads weights into an engine that had nothing in flight: requests wait here instead.
+        self._weights_settled = asyncio.Event()
+        self._weights_settled.set()
         self._engine_link = EngineLink(
             worker_count=self._worker_count,
             join_workers=self.join_weight_group,
@@ -193,6 +197,7 @@ class VLLMRollout:
 
         self._check_serving()
         params = self._sampling_params(sampling or self._config.sampling, n, seed)
+        await self._admitted()
         version = self._weight_version  # what the engine serves now; its outputs say which version sampled what
         final = None
         prompt = TokensPrompt(prompt_token_ids=list(prompt_ids))
@@ -240,8 +245,10 @@ class VLLMRollout:
             max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY
         )
         final = None
-        async for output in self._engine.generate(TokensPrompt(prompt_token_ids=tokens), params, uuid.uuid4().hex):
-            final = output
+        await self._admitted()
+        with self._busy.request():
+            async for output in self._engine.generate(TokensPrompt(prompt_token_ids=tokens), params, uuid.uuid4().hex):
+                final = output
         assert final is not None and final.prompt_logprobs is not None
         steps = final.prompt_logprobs
         return [_logprob_of(steps[i], tokens[i]) for i in range(len(prompt_ids), len(tokens))]
@@ -266,6 +273,13 @@ class VLLMRollout:
             detokenize=bool(stop),  # stop strings are matched on text; token-in/token-out needs no text otherwise
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
+
+    async def _admitted(self) -> None:
+        """Wait out a sync into an idle engine (receive_weights), then check the engine still serves. Nothing may be
+        awaited between this and entering the engine, or a sync could start in between."""
+        if not self._weights_settled.is_set():
+            await self._weights_settled.wait()
+            self._check_serving()
 
     def _check_serving(self) -> None:
         if self._broken is not None:
@@ -319,12 +333,23 @@ class VLLMRollout:
     @endpoint
     async def receive_weights(self, name: str, timeout_s: float) -> dict[str, float]:
         """Receive one sync over group `name` (one rpc per engine, given up after `timeout_s`), then stamp the
-        version the sender broadcast and reset the prefix cache. Requests in flight are paused with their tokens kept
-        (no step runs on half-loaded weights) and resume after it, their KV recomputed under the new weights unless
-        rollout.reuse_kv_across_syncs. After a sync that left the weights half-loaded they stay paused until a later
-        sync succeeds (or the engine is replaced, and the mesh re-issues them)."""
+        version the sender broadcast and reset the prefix cache. Requests that arrive meanwhile wait for it. Requests
+        in flight are paused with their tokens kept (no step runs on half-loaded weights) and resume after it, their
+        KV recomputed under the new weights unless rollout.reuse_kv_across_syncs. After a sync that left the weights
+        half-loaded they stay paused until a later sync succeeds (or the engine is replaced, and the mesh re-issues
+        them)."""
         if "weights" in self._asleep:
             raise EngineStateError("this engine's weights are asleep; wake_up(['weights']) before a sync")
+        if self._busy.requests == 0 and not self._held_by_sync:
+            # Nothing in flight (every synchronous step's sync): requests that arrive meanwhile wait in this actor,
+            # since pausing even an idle engine costs a scheduler round trip (21 ms measured here, 1.5 ms for the rest
+            # of the sync's engine calls).
+            self._weights_settled.clear()
+            try:
+                with self._busy.paused():
+                    return await self._receive_paused(name, timeout_s)
+            finally:
+                self._weights_settled.set()
         # Paused by someone else (vLLM's sleep pauses the engine; wake_up resumes it), the engine is left as it is.
         if not self._held_by_sync and not await self._engine.is_paused():
             await self._engine.pause_generation(mode="keep", clear_cache=False)

@@ -97,3 +97,79 @@ def test_a_sleeping_engine_refuses_work_and_wakes_only_what_sleeps():
 
     rollout._device = "cpu"  # vLLM has no sleep mode on CPU
     assert not run(rollout.sleep(1)) and not run(rollout.wake_up())
+
+
+class GatedEngine:
+    """An AsyncLLM stand-in whose weight load waits for the test, recording the engine calls a sync makes."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.calls: list[str] = []
+        self.load_may_finish = asyncio.Event()
+        self.loading = asyncio.Event()
+        self.version = "0"
+
+    async def collective_rpc(self, method: str, timeout: float, args: tuple = ()) -> list[dict[str, float]]:
+        self.calls.append(method)
+        self.loading.set()
+        await self.load_may_finish.wait()
+        return [{"version": 1.0, "seconds": 0.0, "wait_seconds": 0.0}]
+
+    async def update_weight_version(self, version: str) -> None:
+        self.version = version
+
+    async def reset_prefix_cache(self, reset_running_requests: bool) -> bool:
+        return True
+
+    async def is_paused(self) -> bool:
+        return False
+
+    async def pause_generation(self, *, mode: str, clear_cache: bool) -> None:
+        self.calls.append("pause")
+
+    async def resume_generation(self) -> None:
+        self.calls.append("resume")
+
+    async def generate(self, prompt, params, request_id):  # type: ignore[no-untyped-def]
+        from types import SimpleNamespace
+
+        self.calls.append(f"generate under v{self.version}")
+        completion = SimpleNamespace(
+            finish_reason="stop", token_ids=[5], logprobs=[{5: SimpleNamespace(logprob=-0.5)}], weight_versions=None
+        )
+        yield SimpleNamespace(outputs=[completion], num_cached_tokens=0)
+
+
+def test_a_sync_into_an_idle_engine_holds_new_requests_in_the_actor_instead_of_pausing_the_engine():
+    """Nothing in flight: no pause (21 ms even idle); a request arriving mid-load waits, then samples the new
+    weights. With a request in flight the engine pauses, and resumes after the load."""
+    import asyncio
+
+    from rlmesh.roles.rollout.base import BusyClock
+
+    async def scenario(in_flight: bool) -> tuple[list[str], list[int]]:
+        engine = GatedEngine()
+        rollout = VLLMRollout.__new__(VLLMRollout)
+        rollout._engine, rollout._broken, rollout._asleep, rollout._held_by_sync = engine, None, set(), False
+        rollout._config, rollout._busy, rollout._weight_version = RolloutConfig(), BusyClock(), 0
+        rollout._weights_settled = asyncio.Event()
+        rollout._weights_settled.set()
+        if in_flight:
+            rollout._busy.requests = 1  # as while a generate call runs
+        sync = asyncio.create_task(rollout.receive_weights("weights-0", 5.0))
+        await engine.loading.wait()
+        request = asyncio.create_task(rollout.generate([1, 2], 1))
+        await asyncio.sleep(0.05)
+        held = not request.done()
+        engine.load_may_finish.set()
+        await sync
+        if in_flight:
+            rollout._busy.requests = 0
+        samples = await request
+        return [*engine.calls, f"held={held}"], [s.weight_version for s in samples]
+
+    calls, versions = asyncio.run(scenario(in_flight=False))
+    assert calls == ["rlmesh_receive_weights", "generate under v1", "held=True"] and versions == [1]
+    calls, _ = asyncio.run(scenario(in_flight=True))
+    assert calls[:2] == ["pause", "rlmesh_receive_weights"] and "resume" in calls
