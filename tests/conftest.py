@@ -58,6 +58,8 @@ def compose_config(*overrides: str) -> DictConfig:
     """The project's Hydra config (configs/config.yaml) with `overrides`, as `python -m rlmesh.train` composes it."""
     from hydra import compose, initialize_config_dir
 
+    import rlmesh.train  # noqa: F401  # registers the config schema and the asset resolver the config names
+
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 
