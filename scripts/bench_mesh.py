@@ -199,7 +199,7 @@ def bench_routing(quick: bool) -> None:
         ("least_loaded, push", {"router": "least_loaded", **push}),
         ("power_of_two, push", {"router": "power_of_two", **push}),
         ("power_of_two, pull cap 1", {"router": "power_of_two", "max_in_flight_per_actor": 1}),
-        ("power_of_two, pull cap 2 (default)", {}),
+        ("power_of_two, pull (default)", {}),
     ]
     windows = {"all at once": calls, "window 16 (2/actor)": 16}
     print(f"{'router':<34}" + "".join(f"{w:>26}" for w in windows))
@@ -222,8 +222,7 @@ def bench_routing(quick: bool) -> None:
         measure(name, lambda mesh, window: closed_loop(mesh, durations, window), options)
     for wname in windows:
         default, push_p2, rand = (
-            results[name][wname]
-            for name in ("power_of_two, pull cap 2 (default)", "power_of_two, push", "random, push")
+            results[name][wname] for name in ("power_of_two, pull (default)", "power_of_two, push", "random, push")
         )
         print(
             f"{wname}: default/bound {default / bound:.2f} (target <= 1.15), default/raw pull floor "

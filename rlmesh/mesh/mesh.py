@@ -282,7 +282,9 @@ class ActorMesh(Generic[T]):
         max_in_flight_per_actor: cap on routed calls per actor; the excess queues in the controller and goes to
             the first actor with a free slot (pull). "auto" (the default): an actor that runs one call at a time (no
             async endpoint) holds at most its max_concurrency + 1, so it always has the next call at hand while the
-            rest wait for whichever actor frees first; async actors are not capped. None: no cap (push).
+            rest wait for whichever actor frees first; when calls finish faster than the controller hands them
+            out, actors hold up to 8 more (routed.MAX_EXTRA_PER_ACTOR); async actors are not capped. None: no cap
+            (push).
         distributed_env: set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT in each actor for torch.distributed.
         on_restart: controller-side callback (mesh, restarted positions) run before restarted actors take calls.
         auto_restart: restart dead actors in the background when a routed call finds one.
@@ -326,6 +328,7 @@ class ActorMesh(Generic[T]):
                     f"endpoint {cls.__name__}.{spec.name} shards over {spec.shard_dim!r}, "
                     f"which is not a dimension of shape {self._shape.as_dict()}"
                 )
+        adaptive = max_in_flight_per_actor == "auto"
         if max_in_flight_per_actor == "auto":
             max_in_flight_per_actor = pull_cap(self._specs.values(), actor_options or {})
         elif max_in_flight_per_actor is not None and (
@@ -346,6 +349,7 @@ class ActorMesh(Generic[T]):
             table=lambda: self._table,
             describe=self._describe_position,
             restart=self.restart_dead,
+            adaptive=adaptive,
         )
         self._distributed = distributed_env
         self._runtime_env = dict(runtime_env or {})

@@ -9,6 +9,7 @@ import ray
 import torch
 
 from rlmesh.mesh import ActorDiedError, ActorMesh, Load, MeshStartError, Placement, PlacementError, wait_all
+from rlmesh.mesh.routed import MAX_EXTRA_PER_ACTOR
 from tests.integration.mesh_actors import (
     AsyncWorker,
     Clash,
@@ -165,6 +166,21 @@ def test_a_sync_mesh_pulls_by_default_and_calls_nobody_waits_on_free_their_slots
         wait_all(futs, timeout=30)
     finally:
         pushed.shutdown()
+
+
+def test_a_sync_mesh_whose_calls_outpace_the_hand_off_lets_each_actor_hold_more(ray_cluster):
+    # Sub-millisecond calls finish before the controller hands out the next: pulled actors run dry while calls wait,
+    # so under "auto" each may hold more of them (MAX_EXTRA_PER_ACTOR); the 0.1 s calls above stay at [2, 2].
+    mesh = ActorMesh(Worker, 2, resources={"CPU": 0.25}, name="deepens")
+    try:
+        depth = 0
+        for _ in range(5):
+            futs = [mesh.echo.choose(i) for i in range(300)]
+            depth = max(depth, *mesh.in_flight())  # what the mesh issued at once, before any of these finished
+            assert wait_all(futs, timeout=60) == list(range(300))
+        assert 2 < depth <= 2 + MAX_EXTRA_PER_ACTOR
+    finally:
+        mesh.shutdown()
 
 
 def test_sticky_routing_keeps_a_key_on_one_actor(ray_cluster):
