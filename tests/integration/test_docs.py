@@ -121,54 +121,41 @@ def test_the_recipes_page_lists_every_recipe():
         assert f"| `{recipe.stem}` |" in page and f"recipe={recipe.stem}" in page, recipe.stem
 
 
+def train_one_step_as_a_reader(folder: Path, overrides: list[str], out: Path) -> dict[str, float]:
+    """`python -m rlmesh.train` with `overrides` on the small run, one step, from `folder` (where the reader saved
+    the page's files), in its own Ray; the step's metrics."""
+    small = [o for o in SMALL_RUN if not o.startswith("trainer.progress_bar")]  # HF rollout: no engine to start
+    command = [sys.executable, "-m", "rlmesh.train", *overrides, *small, "trainer.total_steps=1"]
+    command += ["trainer.val_before_train=false", "trainer.logger=[jsonl]", "trainer.progress_bar=false"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [*command, f"trainer.output_dir={out}"], cwd=folder, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+
+
 def test_the_docs_reward_function_and_reward_class_train_a_step(tmp_path: Path):
     """As a reader runs them: the two files saved in a folder, the command run from there (its own Ray)."""
     folder = page_folder(DOCS / "rewards-and-environments.md", tmp_path)
     page_folder(DOCS / "swapping-roles.md", tmp_path)
-    small = [o for o in SMALL_RUN if not o.startswith("trainer.progress_bar")]
-    command = [
-        sys.executable,
-        "-m",
-        "rlmesh.train",
-        *small,
+    overrides = [
         "roles.reward.custom_reward_function.path=my_reward.py",
         "roles.reward._target_=my_roles.ShortAnswerReward",
-        "trainer.total_steps=1",
-        "trainer.val_before_train=false",
-        "trainer.logger=[jsonl]",
-        "trainer.progress_bar=false",
-        f"trainer.output_dir={tmp_path / 'run'}",
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    env.pop("RAY_ADDRESS", None)
-    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    metrics = train_one_step_as_a_reader(folder, overrides, tmp_path / "run")
     # the function's extras are logged; the class's length penalty and the function's brevity bonus both apply
     assert "reward/acc/mean" in metrics and "reward/pred" not in metrics
     assert metrics["critic/score/mean"] != metrics["reward/acc/mean"]
 
 
 def test_the_docs_environment_trains_a_step_through_the_agent_loop(tmp_path: Path):
-    """The page's environment class, saved as my_env.py and named by its command, plays a step's episodes."""
+    """The page's environment class, saved as my_env.py and named by the page's own command, plays a step's
+    episodes."""
     folder = page_folder(DOCS / "rewards-and-environments.md", tmp_path)
     (line,) = [c for c in commands(DOCS / "rewards-and-environments.md") if "my_env." in c]
-    small = [o for o in SMALL_RUN if not o.startswith("trainer.progress_bar")]  # HF rollout: no engine to start
-    command = [
-        sys.executable,
-        *shlex.split(line)[1:],
-        *small,
-        "trainer.total_steps=1",
-        "trainer.val_before_train=false",
-        "trainer.logger=[jsonl]",
-        "trainer.progress_bar=false",
-        f"trainer.output_dir={tmp_path / 'run'}",
-    ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    env.pop("RAY_ADDRESS", None)
-    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    metrics = train_one_step_as_a_reader(folder, overrides_of(line, folder), tmp_path / "run")
     # every episode ended by the environment's own step (done=True), none by an environment error; the tiny model's
     # calls to `calculate`, a tool this environment does not have, came back as error observations and were counted
     assert metrics["episodes/ended_by/done"] == 1.0 and metrics["episodes/env_errors"] == 0
