@@ -477,10 +477,11 @@ def check_vllm_model_len(bad: Report, cfg: RlmeshConfig) -> None:
 
     model = cfg.roles.trainer.model
     try:
-        limit = kv_sizing.model_max_len(
-            AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
-        )
-    except (OSError, ValueError) as err:  # a hub model not downloaded yet: the engine checks it when it starts
+        # Local files only: a check made before any actor starts must not wait on the network (an unreachable hub
+        # cost 23 s of retries here); a hub model not downloaded yet is checked by the engine when it starts.
+        local = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code, local_files_only=True)
+        limit = kv_sizing.model_max_len(local)
+    except (OSError, ValueError) as err:
         log.info("max_model_len not checked: the model config of %s is not readable here (%s)", model.path, err)
         return
     if int(asked) > limit:

@@ -18,7 +18,10 @@ def scaled_score(data_source, solution_str, ground_truth, extra_info=None, facto
 
 def misbehaving_score(data_source, solution_str, ground_truth, extra_info=None):
     """Misbehaves as the response asks ('raise', 'hang', 'spin', 'crash', 'crash-once', 'nan', 'inf', 'text',
-    'no-score'); any other response is scored by exact match."""
+    'no-score', 'slow': 0.6 s, then exact match); any other response is scored by exact match."""
+    if solution_str == "slow":
+        time.sleep(0.6)
+        return 0.0
     if solution_str == "raise":
         raise RuntimeError("scorer bug")
     if solution_str in ("hang", "spin"):

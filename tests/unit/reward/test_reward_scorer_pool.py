@@ -90,9 +90,9 @@ def test_hung_workers_are_killed_and_the_batch_finishes(misbehaving_pool, tmp_pa
 
 def test_samples_sent_ahead_to_a_worker_that_hangs_or_dies_are_scored_by_its_replacement(tmp_path):
     # One worker is sent several samples before it answers: those behind a hung or crashing one were never started,
-    # so they are neither timeouts nor errors, and each time limit runs from when its own sample started.
+    # so they are neither timeouts nor errors: each time limit runs from when its own sample started.
     marker = tmp_path / "crashed-once"
-    solutions = ["7", "hang", "7", "8", "crash-once", "7", "raise", "8"]
+    solutions = ["7", "hang", "7", "8", "crash-once", "7", "raise", "slow", "slow", "8"]
     with RewardScorer(
         load_compute_score(TEST_REWARD_FILE, "misbehaving_score"),
         num_workers=1,
@@ -100,13 +100,11 @@ def test_samples_sent_ahead_to_a_worker_that_hangs_or_dies_are_scored_by_its_rep
         fallback_score=-1.0,
         preload_modules=(),
     ) as scorer:
-        started = time.monotonic()
         result = scorer.score([item(s, marker=str(marker)) if s == "crash-once" else item(s) for s in solutions])
-        elapsed = time.monotonic() - started
-    assert result.failures == [None, "timeout", None, None, None, None, "error", None]
-    assert result.scores == [1.0, -1.0, 1.0, 0.0, 0.0, 1.0, -1.0, 0.0]
+    # two 0.6 s samples in a row fit a 1 s limit each only if each limit starts with its own sample, not when sent
+    assert result.failures == [None, "timeout", None, None, None, None, "error", None, None, None]
+    assert result.scores == [1.0, -1.0, 1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 0.0, 0.0]
     assert result.metrics["reward/worker_deaths"] == 1  # the crash; the hung worker was killed at its limit
-    assert elapsed < TIMEOUT_S + RESTART_ALLOWANCE_S  # one limit: the samples behind the hang did not wait it out
 
 
 def test_a_sample_that_crashes_its_worker_twice_is_an_error_and_the_workers_are_replaced(misbehaving_pool):
