@@ -112,15 +112,15 @@ class RoutedFuture(MeshFuture[R]):
     """The result of a routed (`choose`) call.
 
     The waiting thread reads the value straight from Ray, with no hand-off through a callback thread, and tells
-    the mesh the attempt finished (`settled`, with its error or None). If the actor died, the waiter asks the mesh
+    the mesh the attempt finished (`settled`, with its error or None; wait_all settles a batch of the mesh's calls
+    in one call, so their slots are freed before queued calls go). If the actor died, the waiter asks the mesh
     to re-issue the call on a live actor (`retry`), which raises ActorDiedError when the call may not be retried.
     """
 
     def __init__(
         self,
         retry: Callable[[RoutedFuture[R], BaseException], None],
-        settled: Callable[[ray.ObjectRef, BaseException | None], None] = lambda ref, err: None,
-        settled_many: Callable[[list[tuple[ray.ObjectRef, None]]], None] | None = None,
+        settled: Callable[[list[tuple[ray.ObjectRef, BaseException | None]]], None] = lambda finished: None,
     ) -> None:
         # The ObjectRef of this try: _Issued when the call went out before anyone could wait on it (no Condition to
         # build: 0.06 ms of a pipelined call, by cProfile), else a Future set when the mesh issues it (queued,
@@ -128,7 +128,6 @@ class RoutedFuture(MeshFuture[R]):
         self._attempt: Any = None
         self._retry = retry
         self._settled = settled
-        self._settled_many = settled_many  # several of the mesh's calls at once (wait_all's batches)
         self._lock = threading.Lock()
         self._value: Any = _UNSET
         self._finish_attempt: Callable[[Any], Any] | None = None
@@ -185,7 +184,7 @@ class RoutedFuture(MeshFuture[R]):
             except BaseException as err:
                 self._attempt_failed(attempt, ref, err)
             else:
-                self._settled(ref, None)
+                self._settled([(ref, None)])
                 self._finish(value)
         return self._value
 
@@ -203,13 +202,13 @@ class RoutedFuture(MeshFuture[R]):
             except BaseException as err:
                 self._attempt_failed(attempt, ref, err)
             else:
-                self._settled(ref, None)
+                self._settled([(ref, None)])
                 self._finish(value)
         return self._value
 
     def _attempt_failed(self, attempt: Any, ref: ray.ObjectRef, err: BaseException) -> None:
         """The attempt raised: tell the mesh, then re-issue it if its actor died, else raise the call's error."""
-        self._settled(ref, err)
+        self._settled([(ref, err)])
         if not isinstance(err, RayActorError):
             raise err
         with self._lock:
@@ -264,17 +263,12 @@ def _prefetch_routed(futures: Sequence[MeshFuture[Any]], deadline: float | None)
             values = ray.get(ready, timeout=_left(deadline))
         except Exception:
             return
-        # Each mesh frees the batch's slots together before handing out queued calls (RoutedCalls.retire_many).
-        # (Bound methods of one mesh compare equal, so they key its calls together.)
-        meshes: dict[Callable[[list[tuple[ray.ObjectRef, None]]], None], list[tuple[ray.ObjectRef, None]]] = {}
+        # Each mesh settles the batch's calls together (bound methods of one mesh compare equal, so they key them).
+        meshes: dict[Callable[..., None], list[tuple[ray.ObjectRef, BaseException | None]]] = {}
         for ref in ready:
-            fut = issued[ref]
-            if fut._settled_many is None:
-                fut._settled(ref, None)
-            else:
-                meshes.setdefault(fut._settled_many, []).append((ref, None))
-        for settle_many, finished in meshes.items():
-            settle_many(finished)
+            meshes.setdefault(issued[ref]._settled, []).append((ref, None))
+        for settle, finished in meshes.items():
+            settle(finished)
         for ref, value in zip(ready, values, strict=True):
             issued.pop(ref)._finish(value)
 

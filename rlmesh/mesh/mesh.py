@@ -283,7 +283,7 @@ class ActorMesh(Generic[T]):
             the first actor with a free slot (pull). "auto" (the default): an actor that runs one call at a time (no
             async endpoint) holds at most its max_concurrency + 1, so it always has the next call at hand while the
             rest wait for whichever actor frees first; when calls finish faster than the controller hands them
-            out, actors hold up to 8 more (routed.MAX_EXTRA_PER_ACTOR); async actors are not capped. None: no cap
+            out, actors hold up to 32 more (routed.MAX_EXTRA_PER_ACTOR); async actors are not capped. None: no cap
             (push).
         distributed_env: set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT in each actor for torch.distributed.
         on_restart: controller-side callback (mesh, restarted positions) run before restarted actors take calls.
@@ -329,7 +329,7 @@ class ActorMesh(Generic[T]):
                     f"which is not a dimension of shape {self._shape.as_dict()}"
                 )
         adaptive = max_in_flight_per_actor == "auto"
-        if max_in_flight_per_actor == "auto":
+        if adaptive:
             max_in_flight_per_actor = pull_cap(self._specs.values(), actor_options or {})
         elif max_in_flight_per_actor is not None and (
             isinstance(max_in_flight_per_actor, str) or max_in_flight_per_actor < 1

@@ -61,11 +61,12 @@ log = logging.getLogger(__name__)
 
 # Pull hands an actor its next call only once the controller has seen one finish. With calls shorter than that
 # hand-off (0.4-0.9 ms a call here), an actor holding max_concurrency + 1 calls runs both and idles: 1,900-2,300
-# pipelined no-op calls/s against raw Ray's 4,400-5,100 (bench_mesh). Under "auto" each actor may then hold more,
+# pipelined no-op calls/s against raw Ray's 4,400-5,100 (8 actors, 1,000 calls, 5 repeats, side by side in one
+# script; bench_mesh's pull row measures the same). Under "auto" each actor may then hold more,
 # up to this many beyond the cap: twice as many plus one each time a batch of finishes leaves an actor with nothing
 # while calls wait, half as many after four batches in a row that leave none dry. Floods of sub-millisecond calls go
 # deep (2,950-3,150 calls/s); calls longer than a hand-off almost never run an actor dry and keep plain pull, whose
-# routing they need (the same makespan as a fixed cap of 2 on bench_mesh's lognormal calls).
+# routing they need (the same makespan as a fixed cap of 2 on 300 lognormal calls of mean 20 ms, in that script).
 MAX_EXTRA_PER_ACTOR = 32
 
 _MAX_CHOOSE_ATTEMPTS = 3
@@ -159,9 +160,7 @@ class RoutedCalls:
         summary: Callable[[Any], Any] | None = None,
     ) -> RoutedFuture[Any]:
         """Issue a call on one of `candidates` (positions), or queue it until one can take it."""
-        future: RoutedFuture[Any] = RoutedFuture(
-            lambda fut, err: self._retry(call, err), self._retire, settled_many=self.retire_many
-        )
+        future: RoutedFuture[Any] = RoutedFuture(lambda fut, err: self._retry(call, err), self._retire)
         call = RoutedCall(method, args, kwargs, key, retry, candidates, future, in_store, summary)
         if self._closed is not None:
             future.failed(self._closed)
@@ -247,14 +246,10 @@ class RoutedCalls:
         call.future.issued(ref, None if body is None else partial(stored_from, body=body))
         return True
 
-    def _retire(self, ref: Any, error: BaseException | None) -> None:
-        """A call finished (`error` if it raised): free its slot, note a dead actor, and let queued calls go. Called
-        by its waiter or the tracker, whichever is first; a call of an actor since replaced counts for neither the
-        count nor the liveness."""
-        self.retire_many([(ref, error)])
-
-    def retire_many(self, finished: Sequence[tuple[Any, BaseException | None]]) -> None:
-        """_retire for calls seen finished together (one ray.wait), freeing their slots before queued calls go."""
+    def _retire(self, finished: Sequence[tuple[Any, BaseException | None]]) -> None:
+        """Calls finished, (ref, error if it raised) each, seen together (one ray.wait): free their slots, note dead
+        actors, then let queued calls go. Called by a call's waiter or the tracker, whichever is first; a call of an
+        actor since replaced counts for neither the count nor the liveness."""
         table = self._table()
         deaths = []
         with table.lock:
@@ -305,7 +300,7 @@ class RoutedCalls:
                 continue
             done, _ = ray.wait(older, num_returns=len(older), timeout=0, fetch_local=False)
             if done:
-                self.retire_many([(ref, _error_of(ref)) for ref in done])
+                self._retire([(ref, _error_of(ref)) for ref in done])
 
     def _mark_dead(self, pos: int, generation: int) -> None:
         table = self._table()
