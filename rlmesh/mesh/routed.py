@@ -284,7 +284,10 @@ class RoutedCalls:
     def _track(self) -> None:
         """Retire finished calls that no waiter has: fire-and-forget calls, and results read late or out of order.
         It looks only at calls issued before its last look, with one non-blocking ray.wait, so it never races a
-        waiter for a fresh result."""
+        waiter for a fresh result. It notes what is in flight after retiring, so the calls its retirement handed out
+        are seen with the rest: when the tracker alone retires a flood of short calls, one look then finds each
+        actor's calls all finished, and the depth adapts (a note taken before, as it once was, could leave every
+        actor one call behind at each look forever, depending on when the first look fell)."""
         table = self._table()
         seen: list[Any] = []
         while self._closed is None:
@@ -295,12 +298,12 @@ class RoutedCalls:
             self._track_now.clear()
             with table.lock:
                 older = [ref for ref in seen if ref in self._issued]
+            if older:
+                done, _ = ray.wait(older, num_returns=len(older), timeout=0, fetch_local=False)
+                if done:
+                    self._retire([(ref, _error_of(ref)) for ref in done])
+            with table.lock:
                 seen = list(self._issued)
-            if not older:
-                continue
-            done, _ = ray.wait(older, num_returns=len(older), timeout=0, fetch_local=False)
-            if done:
-                self._retire([(ref, _error_of(ref)) for ref in done])
 
     def _mark_dead(self, pos: int, generation: int) -> None:
         table = self._table()
