@@ -285,9 +285,8 @@ class RoutedCalls:
         """Retire finished calls that no waiter has: fire-and-forget calls, and results read late or out of order.
         It looks only at calls issued before its last look, with one non-blocking ray.wait, so it never races a
         waiter for a fresh result. It notes what is in flight after retiring, so the calls its retirement handed out
-        are seen with the rest: when the tracker alone retires a flood of short calls, one look then finds each
-        actor's calls all finished, and the depth adapts (a note taken before, as it once was, could leave every
-        actor one call behind at each look forever, depending on when the first look fell)."""
+        are seen with the rest: the next look can then find all of an actor's calls finished, which is what lets the
+        depth adapt when the tracker alone retires a flood of short calls."""
         table = self._table()
         seen: list[Any] = []
         while self._closed is None:

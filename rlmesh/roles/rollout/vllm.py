@@ -50,18 +50,28 @@ def check_vllm_version(installed: str | None = None) -> str:
     return installed
 
 
-def engine_kv_cache(config: RolloutConfig, model: ModelConfig, device: str) -> KVCacheNeed | None:
+def model_hf_config(model: ModelConfig, *, local_files_only: bool = False) -> Any:
+    """The model's transformers config. The checks made before any actor starts read local files only: an
+    unreachable hub cost 23 s of retries here, and a hub model not downloaded yet is checked by the engine when it
+    starts. Raises OSError or ValueError when the config is not readable."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        model.path, trust_remote_code=model.trust_remote_code, local_files_only=local_files_only
+    )
+
+
+def engine_kv_cache(
+    config: RolloutConfig, model: ModelConfig, device: str, *, local_files_only: bool = False
+) -> KVCacheNeed | None:
     """The KV cache one engine gets: on CPU always an explicit size (roles.rollout.kv_cache_memory_gb, else what
     max_num_seqs × max_model_len need), never a fraction of memory; on GPU the explicit size if set, else None
     (vLLM sizes it from gpu_memory_utilization of the free device memory)."""
     explicit = getattr(config, "kv_cache_memory_gb", None)
     if device.startswith("cuda") and explicit is None:
         return None
-    from transformers import AutoConfig
-
-    hf_config = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code)
     return kv_cache_need(
-        hf_config=hf_config,
+        hf_config=model_hf_config(model, local_files_only=local_files_only),
         dtype=dtype_name(resolve_dtype(config.dtype, model.dtype, device=device)),
         max_num_seqs=int(config.max_num_seqs),
         max_model_len=config.max_model_len,
@@ -473,14 +483,9 @@ def check_vllm_model_len(bad: Report, cfg: RlmeshConfig) -> None:
     asked = cfg.roles.rollout.max_model_len
     if not asked:
         return
-    from transformers import AutoConfig
-
     model = cfg.roles.trainer.model
     try:
-        # Local files only: a check made before any actor starts must not wait on the network (an unreachable hub
-        # cost 23 s of retries here); a hub model not downloaded yet is checked by the engine when it starts.
-        local = AutoConfig.from_pretrained(model.path, trust_remote_code=model.trust_remote_code, local_files_only=True)
-        limit = kv_sizing.model_max_len(local)
+        limit = kv_sizing.model_max_len(model_hf_config(model, local_files_only=True))
     except (OSError, ValueError) as err:
         log.info("max_model_len not checked: the model config of %s is not readable here (%s)", model.path, err)
         return
@@ -499,7 +504,7 @@ def check_kv_cache_memory(bad: Report, cfg: RlmeshConfig) -> None:
     is sized explicitly (rlmesh.roles.rollout.kv_cache), so the same config behaves alike on every machine."""
     rollout = cfg.roles.rollout
     try:
-        need = engine_kv_cache(rollout, cfg.roles.trainer.model, "cpu")
+        need = engine_kv_cache(rollout, cfg.roles.trainer.model, "cpu", local_files_only=True)
     except (OSError, ValueError) as err:  # a hub model not downloaded yet: the engine sizes it when it has the config
         log.info("KV cache memory not checked: the model config of %s is not readable here (%s)", cfg.model.path, err)
         return
